@@ -1,0 +1,1 @@
+"""Pipeline steps (ingest, train, evaluate, report, register, predict), each a function plus a CLI."""

@@ -1,0 +1,290 @@
+"""params.yaml -> typed objects, validated once at the edge (DESIGN.md §6).
+
+Every section is a frozen dataclass. Unknown keys, wrong types and out-of-range values raise
+``UserError`` naming the file and the dotted key, e.g. ``params.yaml: train.lr: must be > 0, got -0.1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.errors import UserError
+from model.config import ABLATIONS, ConfigError, HeadConfig, ModelConfig
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    seed: int = 0
+    train_images: int = 64
+    val_images: int = 16
+    image_size: int = 128
+    num_categories: int = 3
+    max_instances: int = 4
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: str = "synthetic"  # synthetic | local dir | s3://bucket/prefix | https://... | coco2017
+    out: str = "data/coco"
+    strict: bool = False
+    s3_endpoint_url: str | None = None
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """One training recipe (SGD, warm-up, multi-step decay), paper §4."""
+
+    lr: float = 0.02
+    batch_size: int = 4  # global batch (all processes together)
+    base_batch_size: int = 4  # batch that ``lr`` is tuned for; linear scaling rule applies otherwise
+    iterations: int = 300
+    warmup_iters: int = 50
+    warmup_factor: float = 0.001
+    lr_steps: list[int] = field(default_factory=lambda: [200, 260])
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    amp: str = "auto"  # auto (bf16 where supported on GPU, else fp16 + scaler; off on CPU) | bf16 | fp16 | off
+    grad_clip: float | None = None
+    hflip_prob: float = 0.5
+    workers: int = 2
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    seed: int = 0
+    deterministic: bool = False
+    sync_bn: bool = False
+    on_nonfinite: str = "stop"  # stop | skip
+    model: dict[str, Any] = field(default_factory=dict)  # model keys this recipe overrides
+
+    def __post_init__(self) -> None:
+        _check_positive("lr", self.lr)
+        for key in ("batch_size", "base_batch_size", "iterations", "checkpoint_every", "log_every"):
+            _check_positive(key, getattr(self, key))
+        for key in ("warmup_iters", "workers", "keep_checkpoints", "momentum", "weight_decay", "lr_gamma"):
+            _check_positive(key, getattr(self, key), allow_zero=True)
+        if not 0 <= self.hflip_prob <= 1:
+            raise ConfigError(f"hflip_prob: must be within [0, 1], got {self.hflip_prob!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ConfigError(f"amp: {self.amp!r} is not allowed; choose one of auto, bf16, fp16, off")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not allowed; choose one of stop, skip")
+        if self.grad_clip is not None:
+            _check_positive("grad_clip", self.grad_clip)
+        if list(self.lr_steps) != sorted(self.lr_steps) or any(s <= 0 for s in self.lr_steps):
+            raise ConfigError(f"lr_steps: must be increasing positive iterations, got {self.lr_steps!r}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    split: str = "val"
+    fixed_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.5, 0.7])
+    boundary_dilation_ratio: float = 0.02
+    num_samples: int = 4  # validation images drawn as pictures
+    batch_size: int = 4
+    evaluator: str = "faster"  # faster (faster-coco-eval, proven equal to pycocotools) | pycocotools
+
+    def __post_init__(self) -> None:
+        if self.evaluator not in ("faster", "pycocotools"):
+            raise ConfigError(f"evaluator: {self.evaluator!r} is not allowed; choose one of faster, pycocotools")
+        if any(not 0 < t < 1 for t in self.fixed_thresholds):
+            raise ConfigError(f"fixed_thresholds: each must be within (0, 1), got {self.fixed_thresholds!r}")
+        _check_positive("boundary_dilation_ratio", self.boundary_dilation_ratio)
+        _check_positive("batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class RegisterParams:
+    model_name: str = "atmask-rcnn"
+    candidate: str = "best"  # an ablation name, or "best" (highest segm AP among the runs)
+    metric: str = "segm/AP"
+    min_improvement: float = 0.0  # margin over the champion and over this pipeline run's baseline
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    experiment: str = "atmask-ablations"
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    model: dict[str, Any]
+    ablations: dict[str, HeadConfig]
+    recipe: str
+    recipes: dict[str, TrainParams]
+    evaluate: EvaluateParams
+    register: RegisterParams
+    mlflow: MlflowParams
+    source: Path = DEFAULT_PARAMS
+
+    @property
+    def train(self) -> TrainParams:
+        return self.recipes[self.recipe]
+
+    def model_config(self, ablation: str, num_classes: int) -> ModelConfig:
+        """The model for one ablation: ``model`` keys, then the recipe's, then the ablation's head."""
+        if ablation not in self.ablations:
+            raise UserError(
+                f"{self.source}: ablation {ablation!r} is not defined under 'ablations'; "
+                f"defined: {', '.join(self.ablations)}"
+            )
+        keys = {**self.model, **self.train.model, "num_classes": num_classes}
+        for name in ("anchor_sizes", "frozen"):
+            if name in keys:
+                keys[name] = tuple(keys[name])
+        try:
+            return ModelConfig(ablation=ablation, head=self.ablations[ablation], **keys)
+        except (ConfigError, TypeError) as err:
+            raise UserError(f"{self.source}: {err}") from None
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; ``overrides`` maps dotted keys to values (``train.recipe`` etc.)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: params file not found; pass --params with the path to params.yaml") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({err}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return _parse(raw, path)
+    except ConfigError as err:
+        raise UserError(f"{path}: {err}") from None
+
+
+def _parse(raw: dict[str, Any], path: Path) -> Params:
+    known = {"data", "model", "ablations", "train", "recipes", "evaluate", "register", "mlflow"}
+    _reject_unknown(raw, known, "")
+    model = dict(raw.get("model") or {})
+    _reject_unknown(model, {f.name for f in dataclasses.fields(ModelConfig)} - {"ablation", "head"}, "model.")
+    ablations = {
+        name: _build(HeadConfig, spec or {}, f"ablations.{name}.")
+        for name, spec in (raw.get("ablations") or {}).items()
+    }
+    if not ablations:
+        raise ConfigError("ablations: define at least one ablation (e.g. baseline, atmask)")
+    recipes = {
+        name: _build(TrainParams, spec or {}, f"recipes.{name}.") for name, spec in (raw.get("recipes") or {}).items()
+    }
+    train = dict(raw.get("train") or {})
+    _reject_unknown(train, {"recipe"}, "train.")
+    recipe = train.get("recipe", "cpu_demo")
+    if recipe not in recipes:
+        raise ConfigError(f"train.recipe: {recipe!r} is not defined under 'recipes'; defined: {', '.join(recipes)}")
+    for name, spec in recipes.items():
+        _reject_unknown(spec.model, set(model) | {f.name for f in dataclasses.fields(ModelConfig)}, f"recipes.{name}.model.")
+    params = Params(
+        data=_build(DataParams, raw.get("data") or {}, "data."),
+        model=model,
+        ablations=ablations,
+        recipe=recipe,
+        recipes=recipes,
+        evaluate=_build(EvaluateParams, raw.get("evaluate") or {}, "evaluate."),
+        register=_build(RegisterParams, raw.get("register") or {}, "register."),
+        mlflow=_build(MlflowParams, raw.get("mlflow") or {}, "mlflow."),
+        source=path,
+    )
+    params.model_config(next(iter(ablations)), num_classes=2)  # the shared model keys are valid
+    return params
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override {dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def _reject_unknown(values: Mapping[str, Any], known: set[str], prefix: str) -> None:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'top level'}: expected a mapping, got {values!r}")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(known))}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    """Instantiate a dataclass from a mapping, checking keys and value types against its annotations."""
+    hints = typing.get_type_hints(cls)
+    _reject_unknown(values, set(hints), prefix)
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        message = str(err)
+        if not message.startswith(prefix.split(".")[0]):
+            message = f"{prefix}{message}"
+        raise ConfigError(message) from None
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or hint is Any:
+        if origin is dict and not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
+    return value
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}
+    args = typing.get_args(hint)
+    if args:
+        return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def known_ablations() -> tuple[str, ...]:
+    return tuple(ABLATIONS)

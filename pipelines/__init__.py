@@ -1,0 +1,1 @@
+"""Kubeflow Pipelines (KFP v2) definition of the ATMask ablation pipeline."""
