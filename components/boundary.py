@@ -26,7 +26,7 @@ from pycocotools import mask as mask_util
 
 def dilation_pixels(height: int, width: int, dilation_ratio: float) -> int:
     """Band width ``d`` in pixels for an image of this size."""
-    return max(1, int(round(dilation_ratio * math.sqrt(height**2 + width**2))))
+    return max(1, round(dilation_ratio * math.sqrt(height**2 + width**2)))
 
 
 def _min_filter_1d(a: np.ndarray, radius: int, axis: int) -> np.ndarray:

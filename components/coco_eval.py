@@ -102,7 +102,7 @@ def _boundary_cocoeval_cls() -> type:
                 self._bands[key] = rle_boundary(ann["segmentation"], self.dilation_ratio)
             return self._bands[key]
 
-        def computeIoU(self, imgId: int, catId: int) -> Any:  # noqa: N802 - pycocotools' name
+        def computeIoU(self, imgId: int, catId: int) -> Any:
             ious = super().computeIoU(imgId, catId)
             if len(ious) == 0:
                 return ious
@@ -112,7 +112,8 @@ def _boundary_cocoeval_cls() -> type:
             order = np.argsort([-d["score"] for d in dt], kind="mergesort")
             dt = [dt[i] for i in order][: p.maxDets[-1]]
             iscrowd = [int(g["iscrowd"]) for g in gt]
-            bands = mask_util.iou([self._band("dt", d) for d in dt], [self._band("gt", g) for g in gt], iscrowd)
+            dt_bands = [self._band("dt", d) for d in dt]
+            bands = mask_util.iou(dt_bands, [self._band("gt", g) for g in gt], iscrowd)
             non_crowd = ~np.asarray(iscrowd, dtype=bool)
             ious = np.asarray(ious)
             ious[:, non_crowd] = np.minimum(ious[:, non_crowd], np.asarray(bands)[:, non_crowd])
@@ -159,7 +160,7 @@ def evaluate_coco(
     stats = np.asarray(ev.stats, dtype=float)[: len(STAT_NAMES)]
     return EvalResult(
         iou_type=iou_type,
-        stats={name: float(v) for name, v in zip(STAT_NAMES, stats)},
+        stats={name: float(v) for name, v in zip(STAT_NAMES, stats, strict=True)},
         precision=np.asarray(ev.eval["precision"], dtype=float),
         iou_thresholds=np.asarray(ev.params.iouThrs, dtype=float),
         recall_thresholds=np.asarray(ev.params.recThrs, dtype=float),

@@ -29,10 +29,21 @@ def _gt(masks: list[tuple[int, np.ndarray]], size: int = SIZE) -> dict:
     for i, (image_id, m) in enumerate(masks, start=1):
         rle = _rle(m)
         bbox = [float(v) for v in mask_util.toBbox(rle)]
-        anns.append({"id": i, "image_id": image_id, "category_id": 1, "segmentation": rle,
-                     "area": float(m.sum()), "bbox": bbox, "iscrowd": 0})
-    images = [{"id": i, "width": size, "height": size, "file_name": f"{i}.png"}
-              for i in sorted({i for i, _ in masks})]
+        anns.append(
+            {
+                "id": i,
+                "image_id": image_id,
+                "category_id": 1,
+                "segmentation": rle,
+                "area": float(m.sum()),
+                "bbox": bbox,
+                "iscrowd": 0,
+            }
+        )
+    images = [
+        {"id": i, "width": size, "height": size, "file_name": f"{i}.png"}
+        for i in sorted({i for i, _ in masks})
+    ]
     return {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "square"}]}
 
 
@@ -40,8 +51,15 @@ def _dets(masks: list[tuple[int, np.ndarray, float]]) -> list[dict]:
     out = []
     for image_id, m, score in masks:
         rle = _rle(m)
-        out.append({"image_id": image_id, "category_id": 1, "score": score, "segmentation": rle,
-                    "bbox": [float(v) for v in mask_util.toBbox(rle)]})
+        out.append(
+            {
+                "image_id": image_id,
+                "category_id": 1,
+                "score": score,
+                "segmentation": rle,
+                "bbox": [float(v) for v in mask_util.toBbox(rle)],
+            }
+        )
     return out
 
 
