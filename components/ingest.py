@@ -1,0 +1,592 @@
+"""``atmask ingest``: validate a COCO dataset and write the normalised layout the other steps read.
+
+Output (``--out``, default ``data/coco``)::
+
+    images/<split>/<file_name>           JPEG/PNG as given; non-RGB, 16-bit, CMYK, EXIF-rotated -> RGB PNG
+    annotations/instances_<split>.json   COCO: info, licenses, categories, images, annotations
+    manifest.json                        counts, categories, checksums, source + fingerprint, ingest version
+    ingest_report.json                   every problem: split, file, id, field, reason, action
+
+The whole output is written into a temporary folder beside ``--out`` and renamed at the end, so a failed
+run leaves nothing partial behind. A run whose source fingerprint matches ``manifest.json`` does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import GeneratorType
+from typing import Any
+
+from tqdm import tqdm
+
+from components.coco_json import CocoJsonReader
+from components.coco_validate import (
+    AnnotationChecker,
+    Reporter,
+    check_categories,
+    check_image_entries,
+    merge_categories,
+)
+from components.errors import UserError
+from components.ingest_images import CHECK_MODES, ImageOutcome, process_image
+from components.ingest_sources import (
+    COCO2017_BASE_URL,
+    HttpSource,
+    LocalSource,
+    S3Source,
+    Source,
+    SyntheticSource,
+    coco2017_source,
+    locate_split,
+    parse_http_source,
+)
+from components.io import atomic_dir, write_json_atomic
+from components.synthetic import SyntheticConfig
+
+INGEST_VERSION = "1"
+DEFAULT_OUT = Path("data/coco")
+DATA_PARAM_KEYS = (
+    "source",
+    "out",
+    "strict",
+    "s3_endpoint_url",
+    "synthetic",
+    "splits",
+    "workers",
+    "image_check",
+    "cache_dir",
+)
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False, allow_nan=False)
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ATMASK_CACHE_DIR", Path.home() / ".cache" / "atmask"))
+
+
+@dataclass
+class IngestResult:
+    out: Path
+    skipped: bool
+    manifest: dict[str, Any]
+    problems: list[dict[str, Any]] = field(default_factory=list)
+
+    def count(self, action: str) -> int:
+        return sum(1 for p in self.problems if p["action"] == action)
+
+
+# ---------------------------------------------------------------- one split
+
+
+@dataclass
+class SplitWork:
+    split: str
+    ann_file: str
+    info: Any
+    licenses: Any
+    categories: list[dict[str, Any]]
+    images: list[dict[str, Any]]
+    lines: Path
+    checker: AnnotationChecker
+    reporter: Reporter
+    image_hashes: dict[str, str]
+    conversions: list[dict[str, Any]]
+
+
+def check_images(
+    entries: list[dict[str, Any]],
+    image_dir: Path | None,
+    dst_dir: Path | None,
+    rep: Reporter,
+    *,
+    mode: str,
+    workers: int,
+    link: bool,
+    split: str,
+) -> tuple[list[dict[str, Any]], dict[str, str], list[dict[str, Any]], set[int]]:
+    """Check image files in parallel. Returns kept entries, {file_name: sha256}, conversions, dropped ids."""
+    if mode == "none":  # annotations only: trust the declared sizes
+        outcomes = [_declared_only(e) for e in entries]
+    else:
+        assert image_dir is not None
+        taken = frozenset(e["file_name"] for e in entries)
+
+        def one(entry: dict[str, Any]) -> ImageOutcome:
+            return process_image(entry, image_dir, dst_dir, mode=mode, link=link, taken_names=taken)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            outcomes = list(
+                tqdm(
+                    pool.map(one, entries),
+                    total=len(entries),
+                    desc=f"images {split}",
+                    unit="img",
+                    disable=None,
+                )
+            )
+    kept, hashes, conversions, dropped = [], {}, [], set()
+    for entry, outcome in zip(entries, outcomes, strict=True):
+        img_file = f"{image_dir.name}/{entry['file_name']}" if image_dir else entry["file_name"]
+        for field_name, reason, action in outcome.problems:
+            (rep.repaired if action == "repaired" else rep.quarantined)(
+                entry["id"], field_name, reason, img_file
+            )
+        if not outcome.ok:
+            dropped.add(entry["id"])
+            continue
+        if outcome.conversion:
+            conversions.append(
+                {
+                    "split": split,
+                    "file": img_file,
+                    "id": entry["id"],
+                    "from": outcome.conversion,
+                    "to": outcome.file_name,
+                }
+            )
+        kept.append(
+            {**entry, "file_name": outcome.file_name, "width": outcome.width, "height": outcome.height}
+        )
+        if outcome.sha256:
+            hashes[outcome.file_name] = outcome.sha256
+    return kept, hashes, conversions, dropped
+
+
+def _declared_only(entry: dict[str, Any]) -> ImageOutcome:
+    out = ImageOutcome(entry["id"], entry["file_name"], entry.get("width"), entry.get("height"))
+    if not out.width or not out.height:
+        out.quarantine("width/height", "width/height missing and image files are not checked")
+    return out
+
+
+def process_split(
+    split: str,
+    ann_path: Path,
+    image_dir: Path | None,
+    work_dir: Path,
+    *,
+    ann_label: str | None = None,
+    image_check: str = "full",
+    workers: int = 1,
+    link: bool = False,
+) -> SplitWork:
+    """Stream-validate one annotation file; images go to ``work_dir/images/<split>`` (unless mode none)."""
+    label = ann_label or ann_path.name
+    rep = Reporter(split, label)
+    parts: dict[str, Any] = {}
+    checker: AnnotationChecker | None = None
+    buffered: list[Any] | None = None
+    lines = work_dir / f".{split}.annotations.jsonl"
+    dst = work_dir / "images" / split if image_check != "none" else None
+
+    def start_annotations() -> AnnotationChecker:
+        raw = parts.get("images")
+        if raw is None:
+            raise UserError(
+                f"{label}: field 'images' is missing; a COCO file needs images, annotations, categories"
+            )
+        entries = check_image_entries(raw, rep)
+        kept, hashes, conversions, dropped = check_images(
+            entries, image_dir, dst, rep, mode=image_check, workers=workers, link=link, split=split
+        )
+        if not kept:
+            raise UserError(
+                f"{label}: no usable images in split {split!r} ({len(entries)} listed, all quarantined "
+                "or none given); check file_name entries and the image folder"
+            )
+        parts.update(kept=kept, hashes=hashes, conversions=conversions)
+        return AnnotationChecker({e["id"]: (e["width"], e["height"]) for e in kept}, dropped, rep)
+
+    with CocoJsonReader(ann_path) as reader, open(lines, "w", encoding="utf-8") as fh:
+        for key, value in reader.items():
+            if key == "annotations" and not isinstance(value, GeneratorType):
+                raise UserError(f"{label}: field 'annotations' must be a list, got {type(value).__name__}")
+            if key == "annotations" and "images" not in parts:
+                buffered = list(value)  # unusual order: images after annotations
+            elif key == "annotations":
+                checker = start_annotations()
+                _stream(value, checker, fh)
+            elif key == "images":
+                parts["images"] = list(value) if isinstance(value, GeneratorType) else value
+            else:
+                parts[key] = value
+        if checker is None:
+            if buffered is None:
+                raise UserError(f"{label}: field 'annotations' is missing; a COCO instances file needs it")
+            checker = start_annotations()
+            _stream(buffered, checker, fh)
+    return SplitWork(
+        split,
+        label,
+        parts.get("info") if isinstance(parts.get("info"), dict) else {},
+        parts.get("licenses") if isinstance(parts.get("licenses"), list) else [],
+        check_categories(parts.get("categories"), label),
+        parts["kept"],
+        lines,
+        checker,
+        rep,
+        parts["hashes"],
+        parts["conversions"],
+    )
+
+
+def _stream(annotations: Any, checker: AnnotationChecker, fh: Any) -> None:
+    encode, write = _ENCODER.encode, fh.write
+    for i, ann in enumerate(annotations):
+        kept = checker.check(ann, i)
+        if kept is not None:
+            write(encode(kept))
+            write("\n")
+
+
+def assemble_split(work: SplitWork, categories: list[dict[str, Any]], out_file: Path) -> dict[str, Any]:
+    """Write the final annotation file (dangling category ids quarantined here) and return its stats."""
+    valid = {c["id"] for c in categories}
+    chk, rep = work.checker, work.reporter
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    per_cat: Counter[int] = Counter()
+    kept = crowd = 0
+    head = {"info": work.info, "licenses": work.licenses, "categories": categories, "images": work.images}
+    with open(work.lines, encoding="utf-8") as src, open(out_file, "w", encoding="utf-8") as dst:
+
+        def put(text: str) -> None:
+            dst.write(text)
+            digest.update(text.encode("utf-8"))
+
+        put(_ENCODER.encode(head)[:-1] + ',"annotations":[')
+        for i, line in enumerate(src):
+            cid = chk.category_ids[i]
+            if cid not in valid:
+                rep.quarantined(
+                    chk.ann_ids[i], "category_id", f"category_id {cid} does not match any category"
+                )
+                continue
+            put(("," if kept else "") + line.rstrip("\n"))
+            kept += 1
+            per_cat[cid] += 1
+            crowd += chk.crowd[i]
+        put("]}\n")
+    work.lines.unlink()
+    image_digest = hashlib.sha256(
+        "".join(f"{k} {v}\n" for k, v in sorted(work.image_hashes.items())).encode()
+    )
+    return {
+        "images": len(work.images),
+        "annotations": kept,
+        "crowd_annotations": crowd,
+        "instances_per_category": {str(k): per_cat[k] for k in sorted(per_cat)},
+        "annotations_sha256": digest.hexdigest(),
+        "images_sha256": image_digest.hexdigest(),
+    }
+
+
+# ---------------------------------------------------------------- the whole dataset
+
+
+def make_source(
+    source: str,
+    splits: tuple[str, ...],
+    *,
+    s3_endpoint_url: str | None,
+    synthetic: SyntheticConfig | None,
+    workers: int,
+    cache_dir: Path | None,
+    checksum: str | None,
+    coco_base_url: str | None,
+) -> Source:
+    cache = cache_dir or default_cache_dir()
+    if source == "synthetic":
+        return SyntheticSource(synthetic or SyntheticConfig(), splits)
+    if source == "coco2017":
+        return coco2017_source(splits, cache, coco_base_url)
+    if source.startswith("s3://"):
+        return S3Source(source, splits, s3_endpoint_url, workers)
+    if source.startswith(("http://", "https://")):
+        return HttpSource(parse_http_source(source, checksum), cache)
+    if "://" in source:
+        raise UserError(
+            f"--source {source}: unsupported scheme; use a folder, s3://, http(s)://, coco2017 or synthetic"
+        )
+    return LocalSource(Path(source), splits, description=source)
+
+
+def _up_to_date(out: Path, fingerprint: str, splits: tuple[str, ...]) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if manifest.get("source_fingerprint") != fingerprint:
+        return None
+    if not all((out / "annotations" / f"instances_{s}.json").is_file() for s in splits):
+        return None
+    return manifest
+
+
+def _load_problems(out: Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads((out / "ingest_report.json").read_text(encoding="utf-8")).get("problems", [])
+    except (OSError, ValueError):
+        return []
+
+
+def _strict_failure(problems: list[dict[str, Any]]) -> UserError:
+    first = "; ".join(f"{p['file']} id {p['id']} field {p['field']}: {p['reason']}" for p in problems[:3])
+    return UserError(
+        f"--strict: {len(problems)} problem(s) found, nothing was written (first: {first}); fix the data or "
+        "run without --strict to repair/quarantine and get the full report"
+    )
+
+
+def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], strict: bool) -> dict[str, Any]:
+    categories = merge_categories({w.split: w.categories for w in works})
+    split_stats = {
+        w.split: assemble_split(w, categories, tmp / "annotations" / f"instances_{w.split}.json")
+        for w in works
+    }
+    problems = [p.to_dict() for w in works for p in w.reporter.problems]
+    if strict and problems:
+        raise _strict_failure(problems)
+    report = {
+        **header,
+        "problems": problems,
+        "conversions": [c for w in works for c in w.conversions],
+        "summary": dict(Counter(p["action"] for p in problems)),
+    }
+    write_json_atomic(tmp / "ingest_report.json", report)
+    files = {f"images/{w.split}/{k}": v for w in works for k, v in w.image_hashes.items()}
+    files.update(
+        {f"annotations/instances_{s}.json": st["annotations_sha256"] for s, st in split_stats.items()}
+    )
+    files["ingest_report.json"] = hashlib.sha256((tmp / "ingest_report.json").read_bytes()).hexdigest()
+    checksum = hashlib.sha256("".join(f"{k} {files[k]}\n" for k in sorted(files)).encode()).hexdigest()
+    manifest = {
+        **header,
+        "splits": split_stats,
+        "categories": categories,
+        "checksum": checksum,
+        "problems": report["summary"],
+    }
+    write_json_atomic(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def ingest(
+    source: str,
+    out: Path,
+    *,
+    splits: tuple[str, ...] = ("train", "val"),
+    strict: bool = False,
+    s3_endpoint_url: str | None = None,
+    synthetic: SyntheticConfig | None = None,
+    workers: int | None = None,
+    image_check: str = "full",
+    cache_dir: Path | None = None,
+    checksum: str | None = None,
+    coco_base_url: str | None = None,
+    force: bool = False,
+) -> IngestResult:
+    """Validate ``source`` and write the normalised dataset to ``out`` (see the module docstring)."""
+    out = Path(out)
+    splits = tuple(dict.fromkeys(splits))
+    if not splits:
+        raise UserError("--splits: give at least one split, e.g. train,val")
+    if image_check not in CHECK_MODES:
+        raise UserError(f"--image-check: {image_check!r} is not one of {', '.join(CHECK_MODES)}")
+    workers = workers or default_workers()
+    src = make_source(
+        source,
+        splits,
+        s3_endpoint_url=s3_endpoint_url,
+        synthetic=synthetic,
+        workers=workers,
+        cache_dir=cache_dir,
+        checksum=checksum,
+        coco_base_url=coco_base_url,
+    )
+    options = {"splits": list(splits), "strict": strict, "image_check": image_check}
+    blob = json.dumps({"v": INGEST_VERSION, "source": src.fingerprint(), "options": options}, sort_keys=True)
+    fingerprint = hashlib.sha256(blob.encode()).hexdigest()
+    if not force and (manifest := _up_to_date(out, fingerprint, splits)) is not None:
+        return IngestResult(out, True, manifest, _load_problems(out))
+    header = {
+        "ingest_version": INGEST_VERSION,
+        "source": src.description,
+        "source_fingerprint": fingerprint,
+        "options": options,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        root = src.materialise(staging)
+        with atomic_dir(out) as tmp:
+            works = []
+            for split in splits:
+                ann, images = locate_split(root, split)
+                label = os.path.relpath(ann, root)
+                works.append(
+                    process_split(
+                        split,
+                        ann,
+                        images,
+                        tmp,
+                        ann_label=label,
+                        image_check=image_check,
+                        workers=workers,
+                        link=src.link_ok,
+                    )
+                )
+            manifest = _write_outputs(tmp, works, header, strict)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return IngestResult(out, False, manifest, _load_problems(out))
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = (
+        "sources:\n"
+        "  DIR                 local COCO folder: annotations/instances_<split>.json (or <split>2017)\n"
+        "                      and images in <split>/, images/<split>/, <split>2017/ or images/\n"
+        "  s3://bucket/prefix  the same layout in S3 or MinIO (credentials from the usual AWS variables)\n"
+        "  https://.../x.zip   zip/tar archive(s) of that layout, comma-separated; URL#sha256=<hex>\n"
+        "  coco2017            the official COCO 2017 archives (md5-checked, resumable downloads)\n"
+        "  synthetic           the embedded generated dataset (default)\n\n"
+        "exit status: 0 ok (problems repaired/quarantined are listed in ingest_report.json), 1 fatal error"
+    )
+    add = parser.add_argument
+    add("--source", help="dataset source (see below); default: params data.source, else synthetic")
+    add("--out", type=Path, help=f"output folder (default: params data.out, else {DEFAULT_OUT})")
+    add("--splits", help="comma-separated splits to ingest (default: train,val)")
+    add(
+        "--strict",
+        action="store_true",
+        default=None,
+        help="fail on any problem instead of repairing/quarantining",
+    )
+    add(
+        "--s3-endpoint-url",
+        help="S3 endpoint, e.g. http://minio:9000 (default: $AWS_ENDPOINT_URL or $S3_ENDPOINT_URL)",
+    )
+    add("--workers", type=int, help=f"parallel image checks/downloads (default: {default_workers()})")
+    add(
+        "--image-check",
+        choices=CHECK_MODES,
+        help="full: decode every image (finds truncation, default); header: read sizes only",
+    )
+    add(
+        "--cache-dir",
+        type=Path,
+        help="where HTTP downloads are kept for resume (default: $ATMASK_CACHE_DIR or ~/.cache/atmask)",
+    )
+    add("--checksum", help="expected checksum of a single https:// archive, sha256:<hex> or md5:<hex>")
+    add(
+        "--coco-base-url",
+        help=f"mirror of the COCO 2017 archives (default: {COCO2017_BASE_URL} or $ATMASK_COCO_BASE_URL)",
+    )
+    add("--force", action="store_true", help="ingest even if the source is unchanged since the last run")
+    add("--synthetic-train-images", type=int, help="synthetic: number of train images (default 64)")
+    add("--synthetic-val-images", type=int, help="synthetic: number of val images (default 16)")
+    add("--synthetic-image-size", type=int, help="synthetic: image side in pixels (default 128)")
+    add("--synthetic-num-categories", type=int, help="synthetic: number of shape categories, 1-6 (default 3)")
+    add("--synthetic-max-instances", type=int, help="synthetic: max instances per image (default 4)")
+    add("--seed", type=int, help="synthetic: random seed (default 0)")
+    add("--params", type=Path, help="params.yaml whose 'data:' section gives defaults; flags override it")
+
+
+def _read_params(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise UserError(f"--params {path}: cannot read: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--params {path}: invalid YAML: {err}") from None
+    data = doc.get("data", {}) if isinstance(doc, dict) else None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: 'data' must be a mapping")
+    unknown = sorted(set(data) - set(DATA_PARAM_KEYS))
+    if unknown:
+        raise UserError(f"{path}: data.{unknown[0]}: unknown key; allowed: {', '.join(DATA_PARAM_KEYS)}")
+    return data
+
+
+def _synthetic_config(args: argparse.Namespace, params: dict[str, Any]) -> SyntheticConfig:
+    values = dict(params.get("synthetic") or {})
+    SyntheticConfig.from_dict(values)  # unknown keys fail here, naming the key
+    flags = {
+        "train_images": args.synthetic_train_images,
+        "val_images": args.synthetic_val_images,
+        "image_size": args.synthetic_image_size,
+        "num_categories": args.synthetic_num_categories,
+        "max_instances": args.synthetic_max_instances,
+        "seed": args.seed,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    return SyntheticConfig.from_dict(values)
+
+
+def _pick(flag: Any, params: dict[str, Any], key: str, default: Any) -> Any:
+    if flag is not None:
+        return flag
+    value = params.get(key)
+    return default if value is None else value
+
+
+def run(args: argparse.Namespace) -> int:
+    params = _read_params(args.params)
+    splits = _pick(args.splits, params, "splits", "train,val")
+    splits = tuple(s.strip() for s in (splits.split(",") if isinstance(splits, str) else splits) if s.strip())
+    endpoint = _pick(args.s3_endpoint_url, params, "s3_endpoint_url", None)
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("S3_ENDPOINT_URL")
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers: must be >= 1, got {args.workers}")
+    cache = _pick(args.cache_dir, params, "cache_dir", None)
+    result = ingest(
+        str(_pick(args.source, params, "source", "synthetic")),
+        Path(_pick(args.out, params, "out", DEFAULT_OUT)),
+        splits=splits,
+        strict=bool(_pick(args.strict, params, "strict", False)),
+        s3_endpoint_url=endpoint,
+        synthetic=_synthetic_config(args, params),
+        workers=_pick(args.workers, params, "workers", None),
+        image_check=_pick(args.image_check, params, "image_check", "full"),
+        cache_dir=Path(cache) if cache else None,
+        checksum=args.checksum,
+        coco_base_url=args.coco_base_url,
+        force=args.force,
+    )
+    _print_summary(result)
+    return 0
+
+
+def _print_summary(result: IngestResult) -> None:
+    if result.skipped:
+        print(f"{result.out}: up to date (source unchanged since the last ingest); nothing to do")
+        return
+    counts = ", ".join(
+        f"{s}: {v['images']} images / {v['annotations']} annotations"
+        for s, v in result.manifest["splits"].items()
+    )
+    print(
+        f"{result.out}: {counts}; {result.count('repaired')} repaired, {result.count('quarantined')} "
+        f"quarantined (see {result.out / 'ingest_report.json'})"
+    )

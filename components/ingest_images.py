@@ -1,0 +1,177 @@
+"""Check one image file and write its normalised copy.
+
+Images that already are 8-bit RGB JPEG or PNG without an EXIF rotation are written byte for byte. Anything
+else (grayscale, CMYK, palette, alpha, 16-bit, other formats, EXIF-rotated) is decoded, converted to RGB
+and written as PNG. Missing, unreadable, truncated and wrong-size images are quarantined.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ORIENTATION_TAG = 0x0112
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+CHECK_MODES = ("full", "header")
+
+
+@dataclass
+class ImageOutcome:
+    """What happened to one image; ``ok`` False means quarantined (see ``problems``)."""
+
+    image_id: int
+    file_name: str
+    width: int | None = None
+    height: int | None = None
+    sha256: str | None = None
+    ok: bool = True
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (field, reason, action)
+    conversion: str | None = None
+
+    def quarantine(self, field_name: str, reason: str) -> ImageOutcome:
+        self.ok = False
+        self.problems.append((field_name, reason, "quarantined"))
+        return self
+
+
+def _png_is_rgb8(data: bytes) -> bool:
+    return len(data) > 26 and data[24] == 8 and data[25] == 2  # IHDR bit depth 8, colour type 2 (RGB)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 1.0
+        im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
+def _decode(im: Image.Image, data: bytes, mode: str, keep_bytes: bool) -> None:
+    """Fully decode (detects truncation); JPEGs kept as they are decode at 1/8 scale for speed."""
+    if mode != "full":
+        return
+    if keep_bytes and im.format == "JPEG":
+        im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+    im.load()
+
+
+def _plan_orientation(out: ImageOutcome, raw: tuple[int, int], orientation: int, declared) -> bool | None:
+    """Decide whether to apply the EXIF rotation. None means the image is quarantined."""
+    oriented = raw[::-1] if orientation in SWAPPING_ORIENTATIONS else raw
+    if declared is None or declared == oriented:
+        return orientation != 1
+    if declared == raw:
+        out.problems.append(
+            (
+                "orientation",
+                f"EXIF orientation {orientation} ignored: the annotations match the stored pixels",
+                "repaired",
+            )
+        )
+        return False
+    out.quarantine(
+        "width/height",
+        f"image is {oriented[0]}x{oriented[1]} but the annotation file says {declared[0]}x{declared[1]}",
+    )
+    return None
+
+
+def _png_name(file_name: str, taken: frozenset[str]) -> str:
+    stem, _ = os.path.splitext(file_name)
+    name = stem + ".png"
+    return name if name == file_name or name not in taken else file_name + ".png"
+
+
+def process_image(
+    entry: dict[str, Any],
+    src_dir: Path,
+    dst_dir: Path | None,
+    *,
+    mode: str = "full",
+    link: bool = False,
+    taken_names: frozenset[str] = frozenset(),
+) -> ImageOutcome:
+    """Check ``src_dir/entry['file_name']`` and write it to ``dst_dir`` (unless None)."""
+    name = entry["file_name"]
+    out = ImageOutcome(entry["id"], name)
+    src = src_dir / name
+    try:
+        data = src.read_bytes()
+    except FileNotFoundError:
+        return out.quarantine("file_name", f"image file not found: {src}")
+    except OSError as err:
+        return out.quarantine("file_name", f"cannot read image file {src}: {err.strerror or err}")
+    declared = (entry["width"], entry["height"]) if entry.get("width") and entry.get("height") else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+            orientation = _orientation(im)
+            apply = _plan_orientation(out, im.size, orientation, declared)
+            if apply is None:
+                return out
+            fmt_ok = (im.format == "JPEG" and im.mode == "RGB") or (im.format == "PNG" and _png_is_rgb8(data))
+            keep = fmt_ok and orientation == 1
+            _decode(im, data, mode, keep)
+            if not keep:
+                out.conversion = f"{im.format} {im.mode}" + (
+                    f", EXIF orientation {orientation}" if apply else ""
+                )
+                im = _to_rgb(ImageOps.exif_transpose(im) if apply else im)
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                data = buf.getvalue()
+                out.file_name = _png_name(name, taken_names)
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as err:
+        what = (
+            "truncated or corrupt"
+            if "truncated" in str(err) or isinstance(err, SyntaxError)
+            else "unreadable"
+        )
+        return out.quarantine("file_name", f"{what} image {src}: {err}")
+    out.width, out.height = im.size
+    if declared is None:
+        out.problems.append(
+            ("width/height", f"size missing in the annotation file; set to {im.size}", "repaired")
+        )
+    out.sha256 = hashlib.sha256(data).hexdigest()
+    if dst_dir is not None:
+        _write(src, dst_dir / out.file_name, data, link and out.file_name == name)
+    return out
+
+
+def _write(src: Path, dst: Path, data: bytes, link: bool) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    dst.write_bytes(data)
