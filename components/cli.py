@@ -15,7 +15,10 @@ from components.errors import UserError
 
 # name -> (module, one-line summary)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": ("components.ingest", "validate and normalise a COCO dataset (local, s3://, https://, synthetic)"),
+    "ingest": (
+        "components.ingest",
+        "validate and normalise a COCO dataset (local, s3://, https://, synthetic)",
+    ),
     "train": ("components.train", "train the baseline or an ATMask ablation"),
     "evaluate": ("components.evaluate", "COCO bbox/segm/boundary AP, threshold sweep and pictures for a run"),
     "report": ("components.report", "ablation tables (paper Tables 2-5) from measured runs"),

@@ -132,12 +132,14 @@ def process_image(
                 return out
             fmt_ok = (im.format == "JPEG" and im.mode == "RGB") or (im.format == "PNG" and _png_is_rgb8(data))
             keep = fmt_ok and orientation == 1
+            size = im.size  # before draft() shrinks a JPEG
             _decode(im, data, mode, keep)
             if not keep:
                 out.conversion = f"{im.format} {im.mode}" + (
                     f", EXIF orientation {orientation}" if apply else ""
                 )
                 im = _to_rgb(ImageOps.exif_transpose(im) if apply else im)
+                size = im.size
                 buf = io.BytesIO()
                 im.save(buf, format="PNG")
                 data = buf.getvalue()
@@ -155,10 +157,10 @@ def process_image(
             else "unreadable"
         )
         return out.quarantine("file_name", f"{what} image {src}: {err}")
-    out.width, out.height = im.size
+    out.width, out.height = size
     if declared is None:
         out.problems.append(
-            ("width/height", f"size missing in the annotation file; set to {im.size}", "repaired")
+            ("width/height", f"size missing in the annotation file; set to {size}", "repaired")
         )
     out.sha256 = hashlib.sha256(data).hexdigest()
     if dst_dir is not None:

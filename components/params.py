@@ -55,7 +55,9 @@ class TrainParams:
     lr_gamma: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    amp: str = "auto"  # auto (bf16 where supported on GPU, else fp16 + scaler; off on CPU) | bf16 | fp16 | off
+    amp: str = (
+        "auto"  # auto (bf16 where supported on GPU, else fp16 + scaler; off on CPU) | bf16 | fp16 | off
+    )
     grad_clip: float | None = None
     hflip_prob: float = 0.5
     workers: int = 2
@@ -97,7 +99,9 @@ class EvaluateParams:
 
     def __post_init__(self) -> None:
         if self.evaluator not in ("faster", "pycocotools"):
-            raise ConfigError(f"evaluator: {self.evaluator!r} is not allowed; choose one of faster, pycocotools")
+            raise ConfigError(
+                f"evaluator: {self.evaluator!r} is not allowed; choose one of faster, pycocotools"
+            )
         if any(not 0 < t < 1 for t in self.fixed_thresholds):
             raise ConfigError(f"fixed_thresholds: each must be within (0, 1), got {self.fixed_thresholds!r}")
         _check_positive("boundary_dilation_ratio", self.boundary_dilation_ratio)
@@ -157,7 +161,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Mapping[str, Any] 
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
-        raise UserError(f"{path}: params file not found; pass --params with the path to params.yaml") from None
+        raise UserError(
+            f"{path}: params file not found; pass --params with the path to params.yaml"
+        ) from None
     except yaml.YAMLError as err:
         raise UserError(f"{path}: not valid YAML ({err}); fix the syntax") from None
     if not isinstance(raw, dict):
@@ -182,15 +188,22 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
     if not ablations:
         raise ConfigError("ablations: define at least one ablation (e.g. baseline, atmask)")
     recipes = {
-        name: _build(TrainParams, spec or {}, f"recipes.{name}.") for name, spec in (raw.get("recipes") or {}).items()
+        name: _build(TrainParams, spec or {}, f"recipes.{name}.")
+        for name, spec in (raw.get("recipes") or {}).items()
     }
     train = dict(raw.get("train") or {})
     _reject_unknown(train, {"recipe"}, "train.")
     recipe = train.get("recipe", "cpu_demo")
     if recipe not in recipes:
-        raise ConfigError(f"train.recipe: {recipe!r} is not defined under 'recipes'; defined: {', '.join(recipes)}")
+        raise ConfigError(
+            f"train.recipe: {recipe!r} is not defined under 'recipes'; defined: {', '.join(recipes)}"
+        )
     for name, spec in recipes.items():
-        _reject_unknown(spec.model, set(model) | {f.name for f in dataclasses.fields(ModelConfig)}, f"recipes.{name}.model.")
+        _reject_unknown(
+            spec.model,
+            set(model) | {f.name for f in dataclasses.fields(ModelConfig)},
+            f"recipes.{name}.model.",
+        )
     params = Params(
         data=_build(DataParams, raw.get("data") or {}, "data."),
         model=model,
@@ -266,7 +279,9 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{key}: expected {_describe(hint)}, got {value!r}")
     return value
 

@@ -89,7 +89,9 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
 
 def _mask_head_prefixes(model: MaskRCNN) -> tuple[str, ...]:
     # A detector checkpoint may lack the mask head (a Faster R-CNN, as the paper's R101 recipe uses).
-    return ("roi_heads.atmask_head.",) if isinstance(model.roi_heads, ATMaskRoIHeads) else ("roi_heads.mask_",)
+    return (
+        ("roi_heads.atmask_head.",) if isinstance(model.roi_heads, ATMaskRoIHeads) else ("roi_heads.mask_",)
+    )
 
 
 def freeze(model: MaskRCNN, parts: tuple[str, ...]) -> None:
@@ -133,6 +135,9 @@ def load_weights(
     """Load weights strictly, except for the named key prefixes; a mismatch names the file and the keys."""
     state = read_state_dict(path, key=key)
     expected = module.state_dict()
+    # BatchNorm counters mean nothing to FrozenBatchNorm2d (and vice versa): not a mismatch.
+    state = {n: t for n, t in state.items() if n in expected or not n.endswith("num_batches_tracked")}
+    expected = {n: t for n, t in expected.items() if n in state or not n.endswith("num_batches_tracked")}
     wrong_shape = [n for n, t in state.items() if n in expected and expected[n].shape != t.shape]
     missing = [n for n in expected if n not in state and not n.startswith(allow_missing)]
     unexpected = [n for n in state if n not in expected and not n.startswith(allow_unexpected)]

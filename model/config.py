@@ -133,7 +133,9 @@ class ModelConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"model.{key}: must be a positive integer, got {value!r}")
         if self.min_size > self.max_size:
-            raise ConfigError(f"model.min_size ({self.min_size}) must not exceed model.max_size ({self.max_size})")
+            raise ConfigError(
+                f"model.min_size ({self.min_size}) must not exceed model.max_size ({self.max_size})"
+            )
         if len(self.anchor_sizes) != 5 or any(not isinstance(a, int) or a <= 0 for a in self.anchor_sizes):
             raise ConfigError(
                 f"model.anchor_sizes: need five positive integers (one per FPN level P2-P6), "

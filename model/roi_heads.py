@@ -71,7 +71,9 @@ class ATMaskRoIHeads(RoIHeads):
     ) -> dict[str, Tensor]:
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         class_logits, box_regression = self._box_logits(features, proposals, image_shapes)
-        loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+        loss_classifier, loss_box_reg = fastrcnn_loss(
+            class_logits, box_regression, labels, regression_targets
+        )
 
         positive = [torch.where(lab > 0)[0] for lab in labels]
         mask_boxes = [p[pos] for p, pos in zip(proposals, positive)]
@@ -92,7 +94,9 @@ class ATMaskRoIHeads(RoIHeads):
         self, features: dict[str, Tensor], proposals: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Tensor]]:
         class_logits, box_regression = self._box_logits(features, proposals, image_shapes)
-        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        boxes, scores, labels = self.postprocess_detections(
+            class_logits, box_regression, proposals, image_shapes
+        )
         prob_logits, thr_logits = self.atmask_head(features, boxes, image_shapes)
         rows = torch.arange(prob_logits.shape[0], device=prob_logits.device)
         flat_labels = torch.cat(labels)
