@@ -1,0 +1,501 @@
+"""``atmask evaluate``: COCO bbox/segm/boundary AP, threshold sweep and pictures for one trained run.
+
+Outputs (all in the run folder, each written atomically; nothing is left behind on failure):
+
+- ``metrics.json``: flat ``{key: number}`` with the keys in :func:`metric_keys` (documented in the README):
+  ``{bbox,segm,boundary}/{AP,AP50,AP75,APs,APm,APl,AR1,AR10,AR100,ARs,ARm,ARl}``,
+  ``threshold_sweep/<t>/segm_AP`` for each fixed threshold t on P, ``threshold_sweep/adaptive/segm_AP``
+  (ATMask only: P >= T), ``eval/num_images``, ``eval/num_detections``. COCO's -1 means "nothing to measure"
+  (e.g. APl when the split has no large objects).
+- ``eval_info.json``: what was evaluated (ablation, head, split, data checksum, evaluator, model sha256).
+- ``detections_<split>.json``: COCO results (RLE masks from ``masks >= 0.5``).
+- ``plots/``: threshold sweep and PR curves (PNG + CSV + JSON); ``samples/``: overlays and P/T/B maps.
+
+The same metrics go to the training run in MLflow (``runs/<name>/mlflow_run.json``) with '/' -> '_'
+(``segm/AP`` -> ``segm_AP``), plots and results as artifacts under ``evaluation/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
+
+from components import plots
+from components.checkpoint import MODEL_FILE, load_trained_model, sha256_file
+from components.coco_eval import IOU_TYPES, STAT_NAMES, EvalResult, check_results_match, evaluate_coco
+from components.errors import UserError
+from components.io import write_json_atomic
+from components.params import Params, load_params
+from model.config import ModelConfig
+from model.inference import predict_with_maps
+
+SAMPLE_SCORE_THRESHOLD = 0.5  # detections drawn in pictures
+METRICS_FILE = "metrics.json"
+INFO_FILE = "eval_info.json"
+
+
+def mlflow_key(key: str) -> str:
+    """metrics.json key -> MLflow metric name: '/' becomes '_' (``segm/AP`` -> ``segm_AP``)."""
+    return key.replace("/", "_")
+
+
+def sweep_key(threshold: float | str) -> str:
+    name = threshold if isinstance(threshold, str) else f"{threshold:g}"
+    return f"threshold_sweep/{name}/segm_AP"
+
+
+def metric_keys(fixed_thresholds: list[float], atmask: bool) -> list[str]:
+    """The stable key set of ``metrics.json`` for a run with these settings."""
+    keys = [f"{iou}/{stat}" for iou in IOU_TYPES for stat in STAT_NAMES]
+    keys += [sweep_key(t) for t in fixed_thresholds] + ([sweep_key("adaptive")] if atmask else [])
+    return [*keys, "eval/num_images", "eval/num_detections"]
+
+
+# ------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class Split:
+    gt: dict[str, Any]
+    image_dir: Path
+    annotations: Path
+    checksum: str | None
+
+
+def load_split(data_dir: Path, split: str) -> Split:
+    """Ground truth and image folder of ``DIR/annotations/instances_<split>.json`` + ``DIR/images/<split>``."""
+    ann_path = data_dir / "annotations" / f"instances_{split}.json"
+    if not ann_path.is_file():
+        raise UserError(
+            f"{ann_path}: no annotations for split {split!r}; run 'atmask ingest' or pick --split"
+        )
+    try:
+        gt = json.loads(ann_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{ann_path}: not valid JSON ({err}); re-run 'atmask ingest'") from None
+    if not gt.get("images"):
+        raise UserError(f"{ann_path}: the {split!r} split has no images; nothing to evaluate")
+    gt.setdefault("annotations", [])
+    manifest = data_dir / "manifest.json"
+    checksum = (
+        json.loads(manifest.read_text(encoding="utf-8")).get("checksum") if manifest.is_file() else None
+    )
+    return Split(gt, data_dir / "images" / split, ann_path, checksum)
+
+
+def check_categories(
+    model_cats: list[dict[str, Any]], gt: dict[str, Any], model_path: Path, ann: Path
+) -> None:
+    ours = sorted((c["id"], c["name"]) for c in model_cats)
+    theirs = sorted((c["id"], c["name"]) for c in gt.get("categories", []))
+    if ours != theirs:
+        raise UserError(
+            f"{model_path} was trained on categories {ours[:5]}, but {ann} has {theirs[:5]}; "
+            "evaluate on the dataset the run was trained on"
+        )
+
+
+def read_image(path: Path) -> torch.Tensor:
+    try:
+        with Image.open(path) as img:
+            return pil_to_tensor(img.convert("RGB")).float() / 255.0
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: cannot read the image ({err}); re-run 'atmask ingest'") from None
+
+
+def batches(split: Split, batch_size: int) -> Iterator[list[tuple[dict[str, Any], torch.Tensor]]]:
+    images = sorted(split.gt["images"], key=lambda im: im["id"])
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        yield [(im, read_image(split.image_dir / im["file_name"])) for im in chunk]
+
+
+# ------------------------------------------------------------------ inference
+
+
+def encode_masks(binary: torch.Tensor) -> list[dict[str, Any]]:
+    """[N, H, W] bool -> compressed RLEs with str counts (JSON-ready)."""
+    if binary.shape[0] == 0:
+        return []
+    arr = np.asfortranarray(binary.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
+    rles = mask_util.encode(arr)
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def to_results(
+    image_id: int, out: dict[str, torch.Tensor], label_to_cat: list[int], rles: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    boxes = out["boxes"].cpu().numpy()
+    return [
+        {
+            "image_id": image_id,
+            "category_id": label_to_cat[int(label) - 1],
+            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
+            "score": float(score),
+            "segmentation": rle,
+        }
+        for (x1, y1, x2, y2), label, score, rle in zip(boxes, out["labels"], out["scores"], rles, strict=True)
+    ]
+
+
+def binarizations(
+    out: dict[str, torch.Tensor], thresholds: list[float], atmask: bool
+) -> dict[str, torch.Tensor]:
+    """Final masks (``masks >= 0.5``) and the sweep's: P >= t for each t, and P >= T for ATMask."""
+    prob = out["prob_masks"][:, 0]
+    variants = {"final": out["masks"][:, 0] >= 0.5}
+    variants.update({f"{t:g}": prob >= t for t in thresholds})
+    if atmask:
+        variants["adaptive"] = prob >= out["thr_masks"][:, 0]
+    return variants
+
+
+@dataclass
+class Inference:
+    results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # variant -> COCO results
+    samples: dict[int, dict[str, Any]] = field(default_factory=dict)  # image id -> image + outputs
+    seconds: float = 0.0
+
+
+def sample_ids(gt: dict[str, Any], count: int) -> list[int]:
+    """A fixed, evenly spaced sample of image ids (the same for every run on this split)."""
+    ids = sorted(im["id"] for im in gt["images"])
+    if count <= 0:
+        return []
+    picks = np.unique(np.linspace(0, len(ids) - 1, min(count, len(ids))).round().astype(int))
+    return [ids[i] for i in picks]
+
+
+def run_inference(
+    model: torch.nn.Module, cfg: ModelConfig, cats: list[dict[str, Any]], split: Split, params: Params
+) -> Inference:
+    ev = params.evaluate
+    label_to_cat = [c["id"] for c in cats]
+    keep = set(sample_ids(split.gt, ev.num_samples))
+    inf = Inference()
+    start = time.perf_counter()
+    total = -(-len(split.gt["images"]) // ev.batch_size)
+    for batch in tqdm(
+        batches(split, ev.batch_size), total=total, desc="evaluate", unit="batch", file=sys.stderr
+    ):
+        outputs = predict_with_maps(model, [img for _, img in batch])
+        for (im, img), out in zip(batch, outputs, strict=True):
+            for name, binary in binarizations(out, ev.fixed_thresholds, cfg.is_atmask).items():
+                inf.results.setdefault(name, []).extend(
+                    to_results(im["id"], out, label_to_cat, encode_masks(binary))
+                )
+            if im["id"] in keep:
+                inf.samples[im["id"]] = {"image": img, **{k: v.cpu() for k, v in out.items()}}
+    inf.seconds = time.perf_counter() - start
+    return inf
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def compute_metrics(split: Split, inf: Inference, params: Params, atmask: bool) -> tuple[dict, dict]:
+    """``(metrics.json dict, {iou_type: EvalResult})`` of the final detections plus the threshold sweep."""
+    ev = params.evaluate
+    final = inf.results.get("final", [])
+    results: dict[str, EvalResult] = {}
+    metrics: dict[str, float] = {}
+    for iou_type in IOU_TYPES:
+        res = evaluate_coco(
+            split.gt,
+            final,
+            iou_type,
+            evaluator=ev.evaluator,
+            boundary_dilation_ratio=ev.boundary_dilation_ratio,
+        )
+        results[iou_type] = res
+        metrics.update({f"{iou_type}/{stat}": value for stat, value in res.stats.items()})
+    variants = [f"{t:g}" for t in ev.fixed_thresholds] + (["adaptive"] if atmask else [])
+    for name in variants:
+        res = evaluate_coco(split.gt, inf.results.get(name, []), "segm", evaluator=ev.evaluator)
+        metrics[sweep_key(name)] = res.stats["AP"]
+    metrics["eval/num_images"] = float(len(split.gt["images"]))
+    metrics["eval/num_detections"] = float(len(final))
+    return metrics, results
+
+
+# ------------------------------------------------------------------ pictures
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def write_samples(out_dir: Path, inf: Inference, cfg: ModelConfig, cats: list[dict[str, Any]]) -> None:
+    """Per sample image: ``<id>_overlay.png``; for ATMask also ``<id>_maps.png`` (P, T, B, P>=0.5, P>=T)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [c["name"] for c in cats]
+    for image_id, sample in sorted(inf.samples.items()):
+        image = _to_uint8(sample["image"])
+        keep = sample["scores"] >= SAMPLE_SCORE_THRESHOLD
+        masks = (sample["masks"][keep, 0] >= 0.5).numpy()
+        captions = [
+            f"{names[int(lab) - 1]} {float(s):.2f}"
+            for lab, s in zip(sample["labels"][keep], sample["scores"][keep], strict=True)
+        ]
+        drawn = plots.overlay(image, masks, sample["boxes"][keep].numpy(), captions)
+        Image.fromarray(drawn).save(out_dir / f"{image_id}_overlay.png")
+        if cfg.is_atmask and len(sample["scores"]) > 0:
+            write_maps(out_dir / f"{image_id}_maps.png", image, sample, cfg.head.k)
+
+
+def write_maps(path: Path, image: np.ndarray, sample: dict[str, Any], k: float) -> None:
+    """The top-scoring detection's P, T and B maps next to the fixed (P >= 0.5) and adaptive masks."""
+    top = int(torch.argmax(sample["scores"]))
+    prob, thr = sample["prob_masks"][top, 0], sample["thr_masks"][top, 0]
+    b = torch.sigmoid(k * (prob - thr))
+    panels = [
+        ("P (probability)", prob.numpy(), True),
+        ("T (threshold)", thr.numpy(), True),
+        (f"B = sigmoid({k:g}(P-T))", b.numpy(), True),
+        ("mask P >= 0.5 (fixed)", plots.overlay(image, (prob >= 0.5).numpy()[None]), False),
+        ("mask P >= T (adaptive)", plots.overlay(image, (prob >= thr).numpy()[None]), False),
+    ]
+    plots.maps_figure(path, image, panels)
+
+
+def write_plots(out_dir: Path, metrics: dict[str, float], results: dict[str, EvalResult], title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = "threshold_sweep/"
+    sweep = {k[len(prefix) : -len("/segm_AP")]: v for k, v in metrics.items() if k.startswith(prefix)}
+    plots.threshold_sweep_plot(out_dir, sweep, title)
+    plots.pr_curves_plot(out_dir, results)
+
+
+# ------------------------------------------------------------------ MLflow
+
+
+def tracking_uri(params: Params | None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else params ``mlflow.tracking_uri``, else ``sqlite:///mlflow.db``."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or (params and params.mlflow.tracking_uri)
+        or "sqlite:///mlflow.db"
+    )
+
+
+def check_reachable(uri: str, what: str = "MLflow tracking server") -> None:
+    """Fail fast with one clear message when an http(s) tracking/registry server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=5)
+    except requests.RequestException as err:
+        raise UserError(
+            f"{what} at {uri} is unreachable ({type(err).__name__}); start it or set MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def read_mlflow_run(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "mlflow_run.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); re-run 'atmask train' to rewrite it") from None
+    if not isinstance(record, dict) or not record.get("run_id"):
+        raise UserError(f"{path}: has no 'run_id'; re-run 'atmask train' to rewrite it")
+    return record
+
+
+def log_to_mlflow(
+    record: dict[str, Any], params: Params, metrics: dict[str, float], stage: Path, cfg
+) -> None:
+    """Metrics ('/' -> '_'), ablation tags and the evaluation files as artifacts under ``evaluation/``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = record.get("tracking_uri") or tracking_uri(params)
+    check_reachable(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = record["run_id"]
+    try:
+        client.get_run(run_id)
+        client.log_batch(
+            run_id,
+            metrics=[
+                mlflow.entities.Metric(mlflow_key(k), v, int(time.time() * 1000), 0)
+                for k, v in metrics.items()
+            ],
+            tags=[mlflow.entities.RunTag(k, str(v)) for k, v in ablation_tags(cfg).items()],
+        )
+        client.log_artifacts(run_id, str(stage), artifact_path="evaluation")
+    except MlflowException as err:
+        raise UserError(
+            f"MLflow at {uri}: cannot log to run {run_id} ({err.message.splitlines()[0]})"
+        ) from None
+
+
+def ablation_tags(cfg: ModelConfig) -> dict[str, Any]:
+    head = cfg.head
+    return {
+        "ablation": cfg.ablation,
+        "head.threshold_branch": head.threshold_branch,
+        "head.p2t_fusion": head.p2t_fusion,
+        "head.t2p_fusion": head.t2p_fusion,
+        "head.rt_source": head.rt_source,
+        "head.k": head.k,
+    }
+
+
+# ------------------------------------------------------------------ the step
+
+
+def evaluate(
+    params: Params, run_dir: str | Path, data_dir: str | Path, split: str | None = None
+) -> dict[str, float]:
+    """Evaluate ``run_dir/model.pt`` on ``data_dir``'s ``split``; write and log everything; return metrics."""
+    run_dir, data_dir = Path(run_dir), Path(data_dir)
+    split = split or params.evaluate.split
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: run folder not found; pass --run runs/<name> of a trained run")
+    model_path = run_dir / MODEL_FILE
+    model, cfg, cats = load_trained_model(model_path)
+    data = load_split(data_dir, split)
+    check_categories(cats, data.gt, model_path, data.annotations)
+    record = read_mlflow_run(run_dir)
+    if record is not None:
+        check_reachable(record.get("tracking_uri") or tracking_uri(params))
+    inf = run_inference(model, cfg, cats, data, params)
+    check_results_match(data.gt, inf.results.get("final", []), str(data.annotations))
+    metrics, results = compute_metrics(data, inf, params, cfg.is_atmask)
+    info = eval_info(cfg, data, split, params, model_path, inf)
+    with staging(run_dir) as stage:
+        write_outputs(stage, metrics, results, info, inf, cfg, cats, split)
+        if record is not None:
+            log_to_mlflow(record, params, metrics, stage, cfg)
+        else:
+            print(f"atmask evaluate: note: {run_dir}/mlflow_run.json not found; metrics not logged to MLflow")
+        publish(stage, run_dir)
+    return metrics
+
+
+def eval_info(
+    cfg: ModelConfig, data: Split, split: str, params: Params, model_path: Path, inf: Inference
+) -> dict:
+    return {
+        "ablation": cfg.ablation,
+        "head": ablation_tags(cfg),
+        "split": split,
+        "annotations": str(data.annotations),
+        "data_checksum": data.checksum,
+        "evaluator": params.evaluate.evaluator,
+        "boundary_dilation_ratio": params.evaluate.boundary_dilation_ratio,
+        "model_sha256": sha256_file(model_path),
+        "inference_seconds": round(inf.seconds, 3),
+        "metric_keys": metric_keys(params.evaluate.fixed_thresholds, cfg.is_atmask),
+    }
+
+
+def write_outputs(stage: Path, metrics, results, info, inf: Inference, cfg, cats, split: str) -> None:
+    write_json_atomic(stage / METRICS_FILE, metrics)
+    write_json_atomic(stage / INFO_FILE, info)
+    write_json_atomic(stage / f"detections_{split}.json", inf.results.get("final", []), indent=None)
+    write_plots(stage / "plots", metrics, results, f"{cfg.ablation}: mask AP by binarization")
+    write_samples(stage / "samples", inf, cfg, cats)
+
+
+@contextlib.contextmanager
+def staging(run_dir: Path) -> Iterator[Path]:
+    """A hidden temporary folder inside the run folder, removed whatever happens."""
+    stage = Path(tempfile.mkdtemp(prefix=".evaluate-", dir=run_dir))
+    try:
+        yield stage
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def publish(stage: Path, run_dir: Path) -> None:
+    """Move the staged outputs into the run folder (files by rename; folders replace the old ones)."""
+    for item in sorted(stage.iterdir()):
+        target = run_dir / item.name
+        if item.is_dir() and target.exists():
+            old = run_dir / f".{item.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(item, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(item, target)
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def evaluate_results(params: Params, results_path: Path, data_dir: Path, split: str | None = None) -> dict:
+    """bbox/segm/boundary metrics of an existing COCO results file (no inference, nothing written)."""
+    data = load_split(data_dir, split or params.evaluate.split)
+    try:
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{results_path}: cannot read a COCO results JSON ({err})") from None
+    if not isinstance(results, list):
+        raise UserError(f"{results_path}: expected a COCO results list of detections")
+    check_results_match(data.gt, results, str(results_path))
+    ev = params.evaluate
+    metrics = {}
+    for iou_type in IOU_TYPES:
+        res = evaluate_coco(
+            data.gt,
+            results,
+            iou_type,
+            evaluator=ev.evaluator,
+            boundary_dilation_ratio=ev.boundary_dilation_ratio,
+        )
+        metrics.update({f"{iou_type}/{stat}": value for stat, value in res.stats.items()})
+    return metrics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, help="run folder with model.pt (runs/<name>)")
+    parser.add_argument("--data", required=True, type=Path, help="ingested COCO folder (data/coco)")
+    parser.add_argument("--split", help="split to evaluate (default: params evaluate.split)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        help="score an existing COCO results JSON instead of a run; prints the metrics as JSON, writes nothing",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    if args.results is not None:
+        print(
+            json.dumps(
+                evaluate_results(params, args.results, args.data, args.split), indent=1, sort_keys=True
+            )
+        )
+        return 0
+    if args.run is None:
+        raise UserError("give --run runs/<name> (or --results FILE to score a results file)")
+    metrics = evaluate(params, args.run, args.data, args.split)
+    for key in ("segm/AP", "segm/AP50", "segm/AP75", "bbox/AP", "boundary/AP"):
+        print(f"{key:<14} {metrics[key]:.4f}")
+    print(f"wrote {Path(args.run) / METRICS_FILE}")
+    return 0

@@ -1,0 +1,212 @@
+"""``atmask evaluate`` on a really trained tiny model: outputs, exact metric keys, pycocotools equality,
+MLflow REST visibility, and one clear error (no partial files) for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import requests
+
+from components.cli import main as atmask
+from components.coco_eval import evaluate_coco
+from components.evaluate import metric_keys
+
+STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
+ATMASK_KEYS = (
+    [f"{iou}/{s}" for iou in ("bbox", "segm", "boundary") for s in STATS]
+    + ["threshold_sweep/0.3/segm_AP", "threshold_sweep/0.5/segm_AP", "threshold_sweep/0.7/segm_AP"]
+    + ["threshold_sweep/adaptive/segm_AP", "eval/num_images", "eval/num_detections"]
+)
+RUN_FILES = {"model.pt", "model.pt.sha256"}
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+
+
+def _evaluate(run: Path, data: Path, repo_root: Path, *extra: str) -> int:
+    return atmask(
+        [
+            "evaluate",
+            "--run",
+            str(run),
+            "--data",
+            str(data),
+            "--params",
+            str(repo_root / "params.yaml"),
+            *extra,
+        ]
+    )
+
+
+def test_evaluate_writes_stable_metrics_equal_to_pycocotools(
+    tmp_path: Path, trained_atmask: Path, eval_data: Path, repo_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = _copy_run(trained_atmask, tmp_path / "atmask")
+    assert _evaluate(run, eval_data, repo_root) == 0
+    assert "mlflow_run.json not found" in capsys.readouterr().out
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics) == sorted(ATMASK_KEYS)  # written with sorted keys
+    assert metric_keys([0.3, 0.5, 0.7], atmask=True) == ATMASK_KEYS
+    dets = json.loads((run / "detections_val.json").read_text())
+    assert len(dets) > 0 and metrics["eval/num_detections"] == len(dets)
+    assert metrics["eval/num_images"] == 6
+    gt = json.loads((eval_data / "annotations" / "instances_val.json").read_text())
+    for iou_type in ("bbox", "segm", "boundary"):
+        reference = evaluate_coco(gt, dets, iou_type, evaluator="pycocotools").stats
+        for stat in STATS:
+            assert metrics[f"{iou_type}/{stat}"] == pytest.approx(reference[stat], abs=1e-4)
+    # ATMask's final masks are the adaptive binarization P >= T.
+    assert metrics["threshold_sweep/adaptive/segm_AP"] == pytest.approx(metrics["segm/AP"], abs=1e-12)
+
+    expected = {
+        "metrics.json",
+        "eval_info.json",
+        "detections_val.json",
+        *(f"plots/threshold_sweep.{ext}" for ext in ("png", "csv", "json")),
+        *(f"plots/pr_curves.{ext}" for ext in ("png", "csv", "json")),
+    }
+    files = _files(run)
+    assert expected | RUN_FILES <= files
+    samples = sorted(f for f in files if f.startswith("samples/"))
+    assert len([f for f in samples if f.endswith("_overlay.png")]) == 4  # params evaluate.num_samples
+    assert all(f.endswith(("_overlay.png", "_maps.png")) for f in samples)
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no staging left behind
+    sweep = json.loads((run / "plots" / "threshold_sweep.json").read_text())
+    assert {r["threshold"]: r["segm_AP"] for r in sweep} == {
+        t: metrics[f"threshold_sweep/{t}/segm_AP"] for t in ("0.3", "0.5", "0.7", "adaptive")
+    }
+    info = json.loads((run / "eval_info.json").read_text())
+    assert info["ablation"] == "atmask" and info["split"] == "val" and info["evaluator"] == "faster"
+
+
+def test_baseline_has_no_adaptive_key(tmp_path: Path, make_run, eval_data: Path, repo_root: Path) -> None:
+    run = make_run(tmp_path / "baseline", "baseline", seed=1, steps=1)
+    assert _evaluate(run, eval_data, repo_root) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(metrics) == sorted(k for k in ATMASK_KEYS if "adaptive" not in k)
+    assert not any(f.endswith("_maps.png") for f in _files(run))
+
+
+def test_metrics_visible_through_mlflow_rest_api(
+    tmp_path: Path, trained_atmask: Path, eval_data: Path, repo_root: Path, mlflow_server: str
+) -> None:
+    run = _copy_run(trained_atmask, tmp_path / "atmask")
+    client = mlflow.MlflowClient(tracking_uri=mlflow_server)
+    exp_id = client.create_experiment(f"eval-{tmp_path.name}")
+    run_id = client.create_run(exp_id).info.run_id
+    record = {"run_id": run_id, "experiment_id": exp_id, "tracking_uri": mlflow_server}
+    (run / "mlflow_run.json").write_text(json.dumps(record))
+
+    assert _evaluate(run, eval_data, repo_root) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    got = requests.get(
+        f"{mlflow_server}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, timeout=10
+    ).json()
+    logged = {m["key"]: m["value"] for m in got["run"]["data"]["metrics"]}
+    assert logged == {k.replace("/", "_"): v for k, v in metrics.items()}
+    tags = {t["key"]: t["value"] for t in got["run"]["data"]["tags"]}
+    assert tags["ablation"] == "atmask" and tags["head.k"] == "2.0"
+    listed = requests.get(
+        f"{mlflow_server}/api/2.0/mlflow/artifacts/list",
+        params={"run_id": run_id, "path": "evaluation"},
+        timeout=10,
+    ).json()
+    names = {f["path"] for f in listed["files"]}
+    assert {"evaluation/metrics.json", "evaluation/plots", "evaluation/samples"} <= names
+
+
+def test_run_without_model_fails_cleanly(
+    tmp_path: Path, eval_data: Path, repo_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "empty-run"
+    run.mkdir()
+    assert _evaluate(run, eval_data, repo_root) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"atmask evaluate: error: {run / 'model.pt'}: no trained model here; "
+                   "run 'atmask train' first or give the model.pt path"]  # fmt: skip
+    assert list(run.iterdir()) == []
+
+
+def test_empty_validation_split_fails_cleanly(
+    tmp_path: Path, trained_atmask: Path, eval_data: Path, repo_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "coco"
+    shutil.copytree(eval_data / "annotations", data / "annotations")
+    ann = data / "annotations" / "instances_val.json"
+    gt = json.loads(ann.read_text())
+    ann.write_text(json.dumps({**gt, "images": [], "annotations": []}))
+    run = _copy_run(trained_atmask, tmp_path / "atmask")
+    assert _evaluate(run, data, repo_root) == 1
+    err = capsys.readouterr().err
+    assert err == f"atmask evaluate: error: {ann}: the 'val' split has no images; nothing to evaluate\n"
+    assert _files(run) == RUN_FILES
+
+
+def test_results_file_for_another_dataset_is_refused(
+    tmp_path: Path, eval_data: Path, repo_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    results = tmp_path / "other.json"
+    seg = {"size": [64, 64], "counts": "0`0"}
+    results.write_text(json.dumps([{"image_id": 9999, "category_id": 1, "score": 0.9, "bbox": [0, 0, 4, 4],
+                                    "segmentation": seg}]))  # fmt: skip
+    code = atmask(["evaluate", "--results", str(results), "--data", str(eval_data)])
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        f"atmask evaluate: error: {results}: results refer to image ids [9999]"
+    )
+
+
+def test_evaluates_a_results_file(tmp_path: Path, eval_data: Path, capsys: pytest.CaptureFixture) -> None:
+    gt = json.loads((eval_data / "annotations" / "instances_val.json").read_text())
+    perfect = [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "score": 1.0, "bbox": a["bbox"],
+         "segmentation": a["segmentation"]}
+        for a in gt["annotations"]
+    ]  # fmt: skip
+    results = tmp_path / "perfect.json"
+    results.write_text(json.dumps(perfect))
+    assert atmask(["evaluate", "--results", str(results), "--data", str(eval_data)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["segm/AP"] == pytest.approx(1.0) and printed["bbox/AP"] == pytest.approx(1.0)
+    assert printed["boundary/AP"] == pytest.approx(1.0)
+
+
+def test_unreachable_tracking_server_fails_before_writing(
+    tmp_path: Path, trained_atmask: Path, eval_data: Path, repo_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = _copy_run(trained_atmask, tmp_path / "atmask")
+    dead = "http://127.0.0.1:9"
+    (run / "mlflow_run.json").write_text(
+        json.dumps({"run_id": "abc", "experiment_id": "1", "tracking_uri": dead})
+    )
+    assert _evaluate(run, eval_data, repo_root) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"atmask evaluate: error: MLflow tracking server at {dead} is unreachable")
+    assert _files(run) == RUN_FILES | {"mlflow_run.json"}
+
+
+def test_model_trained_on_other_categories_is_refused(
+    tmp_path: Path, trained_atmask: Path, eval_data: Path, repo_root: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "coco"
+    shutil.copytree(eval_data, data)
+    ann = data / "annotations" / "instances_val.json"
+    gt = json.loads(ann.read_text())
+    gt["categories"] = [{**c, "name": f"other-{c['name']}"} for c in gt["categories"]]
+    ann.write_text(json.dumps(gt))
+    run = _copy_run(trained_atmask, tmp_path / "atmask")
+    assert _evaluate(run, data, repo_root) == 1
+    assert "evaluate on the dataset the run was trained on" in capsys.readouterr().err
+    assert _files(run) == RUN_FILES
