@@ -61,6 +61,7 @@ def test_evaluate_writes_stable_metrics_equal_to_pycocotools(
     dets = json.loads((run / "detections_val.json").read_text())
     assert len(dets) > 0 and metrics["eval/num_detections"] == len(dets)
     assert metrics["eval/num_images"] == 6
+    assert metrics["segm/AP"] > 0.1 and metrics["bbox/AP"] > 0.1  # a trained model: non-trivial numbers
     gt = json.loads((eval_data / "annotations" / "instances_val.json").read_text())
     for iou_type in ("bbox", "segm", "boundary"):
         reference = evaluate_coco(gt, dets, iou_type, evaluator="pycocotools").stats
