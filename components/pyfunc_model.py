@@ -1,0 +1,138 @@
+"""The registered model: an ``mlflow.pyfunc`` wrapper around a weights-only ``model.pt``.
+
+Input: a pandas DataFrame with one column ``image``; each row is one image as a **base64-encoded PNG or
+JPEG file** (str). Encoded files keep the payload small and JSON-safe for ``mlflow models serve``, and
+carry their own size and channels, so images of different sizes can share a request. Optional param
+``score_threshold`` (float, default 0.5) drops weaker detections.
+
+Output: a DataFrame with one row per detection: ``image_index`` (row of the input), ``category_id`` and
+``label`` (COCO category id and name), ``score``, ``box`` ([x1, y1, x2, y2] in pixels) and ``mask`` (the
+instance mask as a COCO compressed RLE, JSON text: ``{"size": [h, w], "counts": "..."}``; decode it with
+``pycocotools.mask.decode(json.loads(mask))``). Masks are the model's final binarization (``B >= 0.5``,
+i.e. ``P >= T`` for ATMask; ``P >= 0.5`` for the baseline).
+
+Artifacts: ``model_pt`` -> the run's ``model.pt`` (``torch.load(..., weights_only=True)``-safe).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from pycocotools import mask as mask_util
+from torchvision.transforms.functional import pil_to_tensor
+
+INPUT_COLUMN = "image"
+OUTPUT_COLUMNS = ["image_index", "category_id", "label", "score", "box", "mask"]
+DEFAULT_SCORE_THRESHOLD = 0.5
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    return pil_to_tensor(image.convert("RGB")).float() / 255.0
+
+
+def decode_image(data: str | bytes, where: str) -> torch.Tensor:
+    """A base64 PNG/JPEG (str or bytes) -> [3, H, W] float tensor in [0, 1]; ValueError naming ``where``."""
+    try:
+        raw = base64.b64decode(data, validate=True)
+        with Image.open(io.BytesIO(raw)) as img:
+            return image_to_tensor(img)
+    except (binascii.Error, OSError, ValueError, TypeError) as err:
+        raise ValueError(f"{where}: not a base64-encoded PNG/JPEG image ({err})") from None
+
+
+def encode_image(path_or_array: Any) -> str:
+    """Base64 PNG of an image file path or an [H, W, 3] uint8 array (to build inputs)."""
+    if isinstance(path_or_array, np.ndarray):
+        buf = io.BytesIO()
+        Image.fromarray(path_or_array).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+    with open(path_or_array, "rb") as fh:
+        return base64.b64encode(fh.read()).decode("ascii")
+
+
+def rle_json(binary: np.ndarray) -> str:
+    rle = mask_util.encode(np.asfortranarray(binary.astype(np.uint8)))
+    return json.dumps({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
+
+
+@torch.inference_mode()
+def detect(
+    model: torch.nn.Module,
+    categories: list[dict[str, Any]],
+    images: list[torch.Tensor],
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
+    batch_size: int = 4,
+) -> list[list[dict[str, Any]]]:
+    """Per image, its detections above ``score_threshold``: category_id, label, score, box, binary mask."""
+    model.eval()
+    found = []
+    for start in range(0, len(images), batch_size):
+        for out in model(images[start : start + batch_size]):
+            keep = out["scores"] >= score_threshold
+            masks = (out["masks"][keep, 0] >= 0.5).cpu().numpy()
+            found.append(
+                [
+                    {
+                        "category_id": int(categories[int(lab) - 1]["id"]),
+                        "label": str(categories[int(lab) - 1]["name"]),
+                        "score": float(score),
+                        "box": [float(v) for v in box],
+                        "mask": mask,
+                    }
+                    for lab, score, box, mask in zip(
+                        out["labels"][keep],
+                        out["scores"][keep],
+                        out["boxes"][keep].tolist(),
+                        masks,
+                        strict=True,
+                    )
+                ]
+            )
+    return found
+
+
+def detections_frame(per_image: list[list[dict[str, Any]]]) -> pd.DataFrame:
+    rows = [
+        {
+            **{k: d[k] for k in ("category_id", "label", "score", "box")},
+            "image_index": i,
+            "mask": rle_json(d["mask"]),
+        }
+        for i, dets in enumerate(per_image)
+        for d in dets
+    ]
+    return pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+
+
+class ATMaskPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc flavour of a trained ATMask / Mask R-CNN ``model.pt`` (see the module docstring)."""
+
+    def load_context(self, context) -> None:
+        from components.checkpoint import load_trained_model
+
+        self.model, self.config, self.categories = load_trained_model(context.artifacts["model_pt"])
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
+            raise ValueError(
+                f"input must be a DataFrame with a column {INPUT_COLUMN!r} of base64 PNG/JPEG images"
+            )
+        threshold = float((params or {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD))
+        images = [decode_image(v, f"row {i}") for i, v in enumerate(model_input[INPUT_COLUMN])]
+        return detections_frame(detect(self.model, self.categories, images, threshold))
+
+
+def input_example(size: int = 32) -> pd.DataFrame:
+    """A one-row input (a grey square) for the signature and the registry's input example."""
+    image = np.full((size, size, 3), 128, dtype=np.uint8)
+    image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 230
+    return pd.DataFrame({INPUT_COLUMN: [encode_image(image)]})
