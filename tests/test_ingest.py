@@ -1,0 +1,189 @@
+"""``atmask ingest`` end to end: synthetic, local folder (Penn-Fudan) and S3 (moto) sources give the same
+normalised layout for the same data; re-ingest is a no-op; ``--help`` documents every option."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+from pycocotools.coco import COCO
+
+from components import cli
+from components.ingest import add_arguments, ingest
+from components.synthetic import SyntheticConfig, generate
+
+TINY = SyntheticConfig(seed=3, train_images=3, val_images=2, image_size=64, num_categories=3, max_instances=3)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (relative path -> digest)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def upload(folder: Path, endpoint: str, bucket: str, prefix: str) -> int:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint)
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    for path in files:
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
+    return len(files)
+
+
+def assert_same_dataset(a: Path, b: Path, splits: tuple[str, ...]) -> None:
+    """Same annotation bytes, images and manifest counts/categories (sources and fingerprints differ)."""
+    for split in splits:
+        name = f"annotations/instances_{split}.json"
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    images_a = {k: v for k, v in tree_digest(a).items() if k.startswith("images/")}
+    assert images_a and images_a == {k: v for k, v in tree_digest(b).items() if k.startswith("images/")}
+    ma, mb = manifest(a), manifest(b)
+    assert ma["splits"] == mb["splits"]
+    assert ma["categories"] == mb["categories"]
+    assert ma["problems"] == mb["problems"] == {}
+
+
+def test_synthetic_local_and_s3_sources_give_the_same_layout(tmp_path, s3_server, s3_bucket):
+    raw = generate(TINY, tmp_path / "raw")
+    synthetic = ingest("synthetic", tmp_path / "from-synthetic", synthetic=TINY, workers=2)
+    local = ingest(str(raw), tmp_path / "from-local", workers=2)
+    assert upload(raw, s3_server, s3_bucket, "coco/tiny") == 2 + 3 + 2
+    s3 = ingest(f"s3://{s3_bucket}/coco/tiny", tmp_path / "from-s3", s3_endpoint_url=s3_server, workers=2)
+
+    assert not (synthetic.skipped or local.skipped or s3.skipped)
+    assert_same_dataset(tmp_path / "from-synthetic", tmp_path / "from-local", ("train", "val"))
+    assert_same_dataset(tmp_path / "from-synthetic", tmp_path / "from-s3", ("train", "val"))
+    assert s3.manifest["source"] == f"s3://{s3_bucket}/coco/tiny"
+    assert synthetic.manifest["source"] == "synthetic"
+
+    out = tmp_path / "from-synthetic"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "annotations",
+        "images",
+        "ingest_report.json",
+        "manifest.json",
+    ]
+    for split, count in (("train", 3), ("val", 2)):
+        coco = json.loads((raw / "annotations" / f"instances_{split}.json").read_text())
+        normalised = json.loads((out / "annotations" / f"instances_{split}.json").read_text())
+        assert normalised["annotations"] == coco["annotations"]  # valid input passes through unchanged
+        assert normalised["images"] == coco["images"]
+        assert synthetic.manifest["splits"][split]["images"] == count
+        assert synthetic.manifest["splits"][split]["annotations"] == len(coco["annotations"])
+        assert sorted(p.name for p in (out / "images" / split).iterdir()) == [
+            f"{split}_{i:06d}.png" for i in range(count)
+        ]
+        assert (out / "images" / split / f"{split}_000000.png").read_bytes() == (
+            raw / split / f"{split}_000000.png"
+        ).read_bytes()
+
+
+def test_pennfudan_local_and_s3_give_the_same_layout(tmp_path, pennfudan, s3_server, s3_bucket):
+    local = ingest(str(pennfudan), tmp_path / "local", workers=2)
+    assert upload(pennfudan, s3_server, s3_bucket, "pennfudan") > 120
+    s3 = ingest(f"s3://{s3_bucket}/pennfudan", tmp_path / "s3", s3_endpoint_url=s3_server, workers=4)
+    assert_same_dataset(tmp_path / "local", tmp_path / "s3", ("train", "val"))
+
+    for split in ("train", "val"):
+        source = COCO(str(pennfudan / "annotations" / f"instances_{split}.json"))
+        out = tmp_path / "local"
+        assert local.manifest["splits"][split]["images"] == len(source.imgs)
+        assert local.manifest["splits"][split]["annotations"] == len(source.anns)
+        assert local.manifest["splits"][split]["instances_per_category"] == {"1": len(source.anns)}
+        for info in source.imgs.values():  # the JPEGs are 8-bit RGB: copied byte for byte
+            assert (out / "images" / split / info["file_name"]).read_bytes() == (
+                pennfudan / split / info["file_name"]
+            ).read_bytes()
+    assert local.manifest["categories"] == [{"id": 1, "name": "person", "supercategory": "person"}]
+    assert s3.manifest["splits"]["train"]["images"] == 100
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    rc = cli.main(argv)
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_reingest_is_a_noop_with_byte_identical_outputs(tmp_path, capsys):
+    raw = generate(TINY, tmp_path / "raw")
+    out = tmp_path / "data"
+    argv = ["ingest", "--source", str(raw), "--out", str(out), "--workers", "2"]
+    rc, first, _ = run_cli(argv, capsys)
+    assert rc == 0 and "train: 3 images" in first and "0 repaired, 0 quarantined" in first
+    before = tree_digest(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    rc, second, _ = run_cli(argv, capsys)
+    assert rc == 0
+    assert second.strip() == f"{out}: up to date (source unchanged since the last ingest); nothing to do"
+    assert tree_digest(out) == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes  # nothing was rewritten
+
+    # --force redoes the work and still produces byte-identical files
+    rc, third, _ = run_cli([*argv, "--force"], capsys)
+    assert rc == 0 and "up to date" not in third
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "raw"]  # no staging/temp left
+
+
+def test_reingest_after_a_source_change_redoes_the_work(tmp_path):
+    raw = generate(TINY, tmp_path / "raw")
+    out = tmp_path / "data"
+    first = ingest(str(raw), out, workers=1)
+    ann = raw / "annotations" / "instances_val.json"
+    coco = json.loads(ann.read_text())
+    coco["annotations"] = coco["annotations"][:1]
+    ann.write_text(json.dumps(coco))
+    second = ingest(str(raw), out, workers=1)
+    assert not second.skipped
+    assert second.manifest["splits"]["val"]["annotations"] == 1
+    assert second.manifest["source_fingerprint"] != first.manifest["source_fingerprint"]
+    assert second.manifest["splits"]["train"] == first.manifest["splits"]["train"]
+    assert ingest(str(raw), out, workers=1).skipped
+
+
+def test_synthetic_reingest_via_cli_is_a_noop(tmp_path, capsys):
+    out = tmp_path / "syn"
+    argv = ["ingest", "--source", "synthetic", "--out", str(out), "--synthetic-train-images", "2"]
+    argv += ["--synthetic-val-images", "1", "--synthetic-image-size", "48", "--seed", "5"]
+    assert run_cli(argv, capsys)[0] == 0
+    before = tree_digest(out)
+    rc, text, _ = run_cli(argv, capsys)
+    assert rc == 0 and "up to date" in text
+    assert tree_digest(out) == before
+    m = manifest(out)
+    assert m["splits"]["train"]["images"] == 2 and m["splits"]["val"]["images"] == 1
+    assert [c["name"] for c in m["categories"]] == ["ellipse", "star", "ring"][: len(m["categories"])]
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["ingest", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flat = " ".join(text.split())
+    actions = [a for a in parser._actions if a.option_strings]
+    assert len(actions) >= 19
+    for action in actions:
+        option = action.option_strings[-1]
+        assert re.search(rf"^\s+(-\w, )?{re.escape(option)}\b", text, re.MULTILINE), f"{option} not listed"
+        assert action.help, f"{option} has no help text"
+        words = " ".join(action.help.split()[:4]).replace("%(default)s", "")
+        assert words in flat, f"help of {option} not shown"
+    for word in ("s3://bucket/prefix", "coco2017", "synthetic", "exit status"):
+        assert word in text
