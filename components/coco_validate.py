@@ -271,7 +271,7 @@ class AnnotationChecker:
         if crowd is None or isinstance(crowd, bool):
             fixed = 0 if crowd is None else int(crowd)
             self.rep.repaired(
-                aid, "iscrowd", f"iscrowd {'missing' if crowd is None else crowd!r}; set to {fixed}"
+                aid, "iscrowd", f"iscrowd {'missing' if crowd is None else repr(crowd)}; set to {fixed}"
             )
             return {**ann, "iscrowd": fixed}
         self.rep.quarantined(aid, "iscrowd", f"iscrowd must be 0 or 1, got {crowd!r}")
