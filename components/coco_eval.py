@@ -68,6 +68,74 @@ def _empty_results(coco_cls: type, gt: Any) -> Any:
     return res
 
 
+# A detection/ground-truth IoU below the lowest COCO threshold (0.5) never matches, and boundary AP uses
+# min(mask IoU, boundary IoU): a boundary band changes the result only for pairs whose mask IoU is >= 0.5.
+_BAND_IOU_FLOOR = 0.5 - 1e-6
+
+
+@contextlib.contextmanager
+def _bands_only_where_they_matter() -> Any:
+    """Make faster-coco-eval compute boundary bands only for annotations in a (detection, non-crowd ground
+    truth) pair of the same image and category with mask IoU >= 0.5; every other annotation of a compared
+    (image, category) gets an empty band, which gives boundary IoU 0 with anything.
+
+    The result is unchanged (such pairs have min(mask IoU, boundary IoU) < 0.5 either way; crowd ground
+    truth keeps its mask IoU), and the costly bands of low-overlap detections are skipped.
+    """
+    import faster_coco_eval.core.cocoeval as fce
+
+    mask_utils = fce.maskUtils
+    original = mask_utils.calculateRleForAllAnnotations
+    gts: list[dict] = []
+
+    def calculate(anns: list[dict], sizes: dict, rle: bool, boundary: bool, ratio: float, cpus: int) -> None:
+        if not boundary:
+            return original(anns, sizes, rle, boundary, ratio, cpus)
+        original(anns, sizes, True, False, ratio, cpus)
+        if not gts:  # faster-coco-eval passes the ground truth first, then the detections
+            gts.extend(anns or [{}])
+            return None
+        needed, empty = _split_by_overlap([g for g in gts if g], anns, mask_utils)
+        original(needed, sizes, True, True, ratio, cpus)
+        blank: dict[tuple, dict] = {}
+        for ann in empty:
+            size = tuple(ann["rle"]["size"])
+            if size not in blank:
+                blank[size] = mask_utils.encode(np.zeros((*size, 1), dtype=np.uint8, order="F"))[0]
+            ann["boundary"] = blank[size]
+        return None
+
+    mask_utils.calculateRleForAllAnnotations = calculate
+    try:
+        yield
+    finally:
+        mask_utils.calculateRleForAllAnnotations = original
+
+
+def _split_by_overlap(gts: list[dict], dts: list[dict], mask_utils: Any) -> tuple[list[dict], list[dict]]:
+    """(annotations that need a band, annotations of compared pairs that can take an empty one)."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for g in gts:
+        groups.setdefault((g["image_id"], g["category_id"]), ([], []))[0].append(g)
+    for d in dts:
+        key = (d["image_id"], d["category_id"])
+        if key in groups:
+            groups[key][1].append(d)
+    needed: dict[int, dict] = {}
+    empty: dict[int, dict] = {}
+    for pair_gts, pair_dts in groups.values():
+        if not pair_dts:
+            continue
+        crowd = np.array([int(g.get("iscrowd", 0)) for g in pair_gts], dtype=bool)
+        ious = np.asarray(
+            mask_utils.iou([d["rle"] for d in pair_dts], [g["rle"] for g in pair_gts], crowd.tolist())
+        )
+        close = (ious.reshape(len(pair_dts), len(pair_gts)) >= _BAND_IOU_FLOOR) & ~crowd
+        for ann, keep in [*zip(pair_dts, close.any(axis=1)), *zip(pair_gts, close.any(axis=0))]:
+            (needed if keep else empty)[id(ann)] = ann
+    return list(needed.values()), list(empty.values())
+
+
 def _run_faster(gt: dict[str, Any], dts: list[dict[str, Any]], iou_type: str, ratio: float) -> Any:
     from faster_coco_eval import COCO, COCOeval_faster
 
@@ -78,7 +146,8 @@ def _run_faster(gt: dict[str, Any], dts: list[dict[str, Any]], iou_type: str, ra
     coco_dt = coco_gt.loadRes(dts) if dts else _empty_results(COCO, coco_gt)
     coco_dt.print_function = quiet
     ev = COCOeval_faster(coco_gt, coco_dt, iou_type, print_function=quiet, boundary_dilation_ratio=ratio)
-    ev.evaluate()
+    with _bands_only_where_they_matter() if iou_type == "boundary" else contextlib.nullcontext():
+        ev.evaluate()
     ev.accumulate()
     ev.summarize()
     return ev

@@ -211,3 +211,49 @@ def test_model_trained_on_other_categories_is_refused(
     assert _evaluate(run, data, repo_root) == 1
     assert "evaluate on the dataset the run was trained on" in capsys.readouterr().err
     assert _files(run) == RUN_FILES
+
+
+def test_boundary_band_pruning_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skipping the bands of low-overlap annotations (coco_eval's speed-up) gives the exact same result
+    as faster-coco-eval computing every band, and as the pycocotools reference; crowd ground truth too."""
+    import contextlib
+
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    import components.coco_eval as coco_eval
+
+    rng = np.random.default_rng(7)
+    images, anns, dets = [], [], []
+    for image_id in range(1, 13):
+        images.append({"id": image_id, "width": 64, "height": 48, "file_name": f"{image_id}.png"})
+        for _ in range(4):
+            x, y, s, cat = *rng.integers(0, 30, 2), int(rng.integers(6, 18)), int(rng.integers(1, 3))
+            m = np.zeros((48, 64), np.uint8, order="F")
+            m[y : y + s, x : x + s] = 1
+            rle = mask_util.encode(m)
+            rle["counts"] = rle["counts"].decode()
+            crowd = int(len(anns) % 7 == 3)
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": cat, "segmentation": rle,
+                         "area": float(m.sum()), "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": crowd})  # fmt: skip
+            for _ in range(3):
+                dx, dy = rng.integers(-1, 2, 2)
+                d = np.roll(np.roll(m, dy, 0), dx, 1) if rng.random() < 0.8 else np.asfortranarray(m[::-1])
+                drle = mask_util.encode(np.asfortranarray(d))
+                drle["counts"] = drle["counts"].decode()
+                dets.append({"image_id": image_id, "category_id": cat if rng.random() < 0.9 else 3 - cat,
+                             "segmentation": drle, "score": float(rng.random())})  # fmt: skip
+    gt = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+    }
+    pruned = evaluate_coco(gt, dets, "boundary")
+    reference = evaluate_coco(gt, dets, "boundary", evaluator="pycocotools")
+    monkeypatch.setattr(coco_eval, "_bands_only_where_they_matter", contextlib.nullcontext)
+    every_band = evaluate_coco(gt, dets, "boundary")
+    assert 0.05 < pruned.stats["AP"] < 0.95  # a non-trivial case
+    assert pruned.stats == every_band.stats
+    np.testing.assert_array_equal(pruned.precision, every_band.precision)
+    for stat, value in reference.stats.items():
+        assert pruned.stats[stat] == pytest.approx(value, abs=1e-4)
