@@ -149,6 +149,10 @@ def _check_image_entry(img: Any, index: int, rep: Reporter, ids: set[int], names
     if name in names:
         rep.quarantined(iid, "file_name", f"file_name {name!r} is used by another image")
         return None
+    bad = next((k for k, v in img.items() if type(v) is float and not math.isfinite(v)), None)
+    if bad is not None:
+        rep.quarantined(iid, bad, f"{bad} is {img[bad]}, which JSON does not allow")
+        return None
     ids.add(iid)
     names.add(name)
     entry = dict(img)
@@ -276,6 +280,13 @@ class AnnotationChecker:
             return {**ann, "iscrowd": fixed}
         self.rep.quarantined(aid, "iscrowd", f"iscrowd must be 0 or 1, got {crowd!r}")
         return None
+
+    def reject_last(self, field: str, reason: str) -> None:
+        """Quarantine the annotation that :meth:`check` kept last (it failed a later check)."""
+        self.rep.quarantined(self.ann_ids.pop(), field, reason)
+        self.image_ids.pop()
+        self.category_ids.pop()
+        self.crowd.pop()
 
     # ------------------------------------------------------------ segmentation
 

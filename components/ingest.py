@@ -246,9 +246,15 @@ def _stream(annotations: Any, checker: AnnotationChecker, fh: Any) -> None:
     encode, write = _ENCODER.encode, fh.write
     for i, ann in enumerate(annotations):
         kept = checker.check(ann, i)
-        if kept is not None:
-            write(encode(kept))
-            write("\n")
+        if kept is None:
+            continue
+        try:
+            text = encode(kept)
+        except ValueError:  # NaN/Infinity in a field no check looks at (JSON has no such numbers)
+            checker.reject_last("annotations", "a value is NaN or Infinity, which JSON does not allow")
+            continue
+        write(text)
+        write("\n")
 
 
 def assemble_split(work: SplitWork, categories: list[dict[str, Any]], out_file: Path) -> dict[str, Any]:
@@ -266,7 +272,13 @@ def assemble_split(work: SplitWork, categories: list[dict[str, Any]], out_file: 
             dst.write(text)
             digest.update(text.encode("utf-8"))
 
-        put(_ENCODER.encode(head)[:-1] + ',"annotations":[')
+        try:
+            put(_ENCODER.encode(head)[:-1] + ',"annotations":[')
+        except ValueError:
+            raise UserError(
+                f"{work.ann_file}: 'info', 'licenses' or an image entry holds NaN or Infinity, which JSON does "
+                "not allow; remove or replace those values"
+            ) from None
         for i, line in enumerate(src):
             cid = chk.category_ids[i]
             if cid not in valid:

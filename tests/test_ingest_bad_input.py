@@ -260,6 +260,14 @@ def m_unsafe_file_name(root, coco):
     coco["images"][1]["file_name"] = "../b.png"
 
 
+def m_nan_extra_field(root, coco):
+    ann(coco, 1)["score"] = float("nan")
+
+
+def m_infinity_in_image(root, coco):
+    coco["images"][1]["score"] = float("inf")
+
+
 # ---------------------------------------------------------------- image files
 
 
@@ -552,6 +560,21 @@ CASES: dict[str, tuple[Mutation, Outcome | Fatal]] = {
             kept_images=("a.png",),
         ),
     ),
+    "nan_in_unchecked_annotation_field": (
+        m_nan_extra_field,
+        Outcome([qua("annotations", 1, "NaN or Infinity, which JSON does not allow")], kept_anns=(2, 3)),
+    ),
+    "infinity_in_image_entry": (
+        m_infinity_in_image,
+        Outcome(
+            [
+                qua("score", 2, "score is inf, which JSON does not allow"),
+                qua("image_id", 2, "does not match"),
+            ],
+            kept_anns=(1, 3),
+            kept_images=("a.png",),
+        ),
+    ),
     "missing_image_file": (
         m_missing_image,
         Outcome(
@@ -685,6 +708,10 @@ FATAL: dict[str, tuple[Mutation, Fatal]] = {
     "annotations_not_a_list": (set_key("annotations", {}), Fatal("field 'annotations' must be a list")),
     "no_images_listed": (set_key("images", []), Fatal("no usable images in split 'train' (0 listed")),
     "all_image_files_missing": (m_all_images_missing, Fatal("no usable images in split 'train' (2 listed")),
+    "nan_in_info": (
+        lambda root, coco: coco["info"].update(year=float("nan")),
+        Fatal("'info', 'licenses' or an image entry holds NaN or Infinity"),
+    ),
     "duplicate_category_id": (m_category_duplicate, Fatal("categories[1].id: duplicate category id 1")),
     "category_id_not_int": (m_category_bad_id, Fatal("categories[0].id: expected a positive integer")),
     "no_annotation_file": (m_no_annotation_file, Fatal("no annotation file for split 'train'")),
