@@ -198,7 +198,8 @@ class S3Source:
             ]
             if not anns:
                 raise UserError(
-                    f"{self.url}: no annotations/instances_{split}.json (or ...{split}2017.json) found"
+                    f"--source {self.url}: no annotations/instances_{split}.json (or ...{split}2017.json) "
+                    "under this prefix; check the prefix and --splits"
                 )
             keys.append(f"annotations/{anns[0]}")
             for pattern in IMAGE_DIRS:

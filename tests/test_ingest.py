@@ -187,3 +187,33 @@ def test_help_documents_every_option(capsys):
         assert words in flat, f"help of {option} not shown"
     for word in ("s3://bucket/prefix", "coco2017", "synthetic", "exit status"):
         assert word in text
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("s3://no-such-bucket-h1/data", "S3 request failed at endpoint"),
+        ("s3://{bucket}/empty", "no objects under this prefix; check the bucket and prefix"),
+        ("s3://{bucket}/only-images", "no annotations/instances_train.json"),
+    ],
+)
+def test_s3_errors_are_one_line(source, message, tmp_path, s3_server, s3_bucket, capsys):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).put_object(
+        Bucket=s3_bucket, Key="only-images/train/a.png", Body=b"x"
+    )
+    out = tmp_path / "out"
+    argv = [
+        "ingest",
+        "--source",
+        source.format(bucket=s3_bucket),
+        "--out",
+        str(out),
+        "--s3-endpoint-url",
+        s3_server,
+    ]
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("atmask ingest: error: --source s3://")
+    assert message in err, err
+    assert list(tmp_path.iterdir()) == []
