@@ -236,6 +236,7 @@ class S3Source:
                         total=len(keys),
                         desc=f"download {self.description}",
                         unit="file",
+                        disable=None,  # no bar when stderr is not a terminal (logs, CI)
                     )
                 )
         except (BotoCoreError, ClientError) as err:
@@ -316,6 +317,7 @@ def download(archive: Archive, cache_dir: Path, *, chunk: int = 1 << 20) -> Path
                         unit="B",
                         unit_scale=True,
                         desc=name,
+                        disable=None,
                     ) as bar,
                 ):
                     for block in resp.iter_content(chunk):

@@ -217,3 +217,63 @@ def test_s3_errors_are_one_line(source, message, tmp_path, s3_server, s3_bucket,
     assert rc == 1 and err.count("\n") == 1 and err.startswith("atmask ingest: error: --source s3://")
     assert message in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 (yields (folder, base URL))."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "www"
+    folder.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_archive_source_with_checksum(tmp_path, http_dir, capsys):
+    import shutil
+
+    folder, base = http_dir
+    raw = generate(TINY, tmp_path / "raw" / "tiny")
+    archive = Path(shutil.make_archive(str(folder / "tiny"), "zip", raw.parent))
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    url = f"{base}/tiny.zip#sha256={digest}"
+    result = ingest(url, tmp_path / "from-http", cache_dir=cache, workers=2)
+    ingest(str(raw), tmp_path / "from-local", workers=2)
+    assert_same_dataset(tmp_path / "from-http", tmp_path / "from-local", ("train", "val"))
+    assert result.manifest["source"] == f"{base}/tiny.zip"
+    assert [p.name.endswith("-tiny.zip") for p in cache.iterdir()] == [True]  # kept for the next run
+    assert ingest(url, tmp_path / "from-http", cache_dir=cache).skipped
+
+    bad = "0" * 64
+    argv = [
+        "ingest",
+        "--source",
+        f"{base}/tiny.zip",
+        "--checksum",
+        f"sha256:{bad}",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    rc, _, err = run_cli([*argv, "--cache-dir", str(tmp_path / "cache2")], capsys)
+    assert rc == 1 and err.count("\n") == 1
+    assert f"sha256 checksum mismatch: expected {bad}, got {digest}" in err
+    assert not (tmp_path / "x").exists() and list((tmp_path / "cache2").iterdir()) == []
+    rc, _, err = run_cli(["ingest", "--source", f"{base}/missing.zip", "--out", str(tmp_path / "y")], capsys)
+    assert rc == 1 and "cannot reach the URL" in err and "404" in err
