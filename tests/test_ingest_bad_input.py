@@ -791,3 +791,25 @@ def test_strict_passes_on_clean_data(tmp_path):
     (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
     result = ingest(str(root), tmp_path / "out", splits=("train",), strict=True, workers=1)
     assert result.problems == [] and result.manifest["splits"]["train"]["annotations"] == 3
+
+
+def test_header_image_check_reads_sizes_but_not_pixels(tmp_path):
+    root = tmp_path / "src"
+    coco = build(root)
+    m_truncated_jpeg(root, coco)  # b.jpg: header intact, pixel data cut in half
+    rgb(W + 8, H).save(img_path(root, "a.png"))  # a.png: wrong size, visible in the header
+    (root / "annotations" / "instances_train.json").write_text(json.dumps(coco))
+    result = ingest(str(root), tmp_path / "out", splits=("train",), image_check="header", workers=1)
+    got = [(p["action"], p["field"], p["id"]) for p in result.problems]
+    assert got == [
+        ("quarantined", "width/height", 1),
+        ("quarantined", "image_id", 1),
+        ("quarantined", "image_id", 3),
+    ]
+    out = json.loads((tmp_path / "out" / "annotations" / "instances_train.json").read_text())
+    assert [i["file_name"] for i in out["images"]] == [
+        "b.jpg"
+    ]  # truncation is only found by --image-check full
+    assert (tmp_path / "out" / "images" / "train" / "b.jpg").read_bytes() == img_path(
+        root, "b.jpg"
+    ).read_bytes()
