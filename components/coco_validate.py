@@ -66,6 +66,11 @@ def _is_int(value: Any) -> bool:
     return type(value) is int
 
 
+def _is_id(value: Any) -> bool:
+    """An integer that fits the int64 index (ids beyond it are malformed, not just large)."""
+    return type(value) is int and -(2**63) <= value < 2**63
+
+
 def _is_number(value: Any) -> bool:
     return (type(value) is float or type(value) is int) and math.isfinite(value)
 
@@ -83,7 +88,7 @@ def check_categories(raw: Any, file: str) -> list[dict[str, Any]]:
         if not isinstance(cat, dict):
             raise UserError(f"{where}: expected an object with id and name, got {type(cat).__name__}")
         cid, name = cat.get("id"), cat.get("name")
-        if not _is_int(cid) or cid < 1:
+        if not _is_id(cid) or cid < 1:
             raise UserError(f"{where}.id: expected a positive integer, got {cid!r}")
         if not isinstance(name, str) or not name:
             raise UserError(f"{where}.name: expected a non-empty string, got {name!r}")
@@ -133,7 +138,7 @@ def _check_image_entry(img: Any, index: int, rep: Reporter, ids: set[int], names
         rep.quarantined(f"images[{index}]", "images", f"expected an object, got {type(img).__name__}")
         return None
     iid, name = img.get("id"), img.get("file_name")
-    if not _is_int(iid):
+    if not _is_id(iid):
         rep.quarantined(iid, "id", f"images[{index}]: image id must be an integer, got {iid!r}")
         return None
     if iid in ids:
@@ -225,7 +230,7 @@ class AnnotationChecker:
             self.rep.quarantined(f"annotations[{index}]", "annotations", "expected an object")
             return None
         aid = ann.get("id")
-        if not _is_int(aid):
+        if not _is_id(aid):
             self.rep.quarantined(
                 f"annotations[{index}]", "id", f"annotation id must be an integer, got {aid!r}"
             )
@@ -263,7 +268,7 @@ class AnnotationChecker:
 
     def _category_ok(self, ann: dict, aid: int) -> bool:
         cid = ann.get("category_id")
-        if not _is_int(cid):
+        if not _is_id(cid):
             self.rep.quarantined(aid, "category_id", f"category_id must be an integer, got {cid!r}")
             return False
         return True  # existence is checked once all categories are known (see dangling_categories)

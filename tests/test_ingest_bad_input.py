@@ -813,3 +813,53 @@ def test_header_image_check_reads_sizes_but_not_pixels(tmp_path):
     assert (tmp_path / "out" / "images" / "train" / "b.jpg").read_bytes() == img_path(
         root, "b.jpg"
     ).read_bytes()
+
+
+WEIRD_VALUES = [None, "x", "", [], {}, [1], True, False, -1, 0, 2**70, 1e308, -0.5, 3.7, {"a": 1}, [[1, 2]],
+                [None], ["1"], {"size": [1, 2], "counts": "x"}, {"size": "ab", "counts": [1]}, {"counts": 5},
+                [[1, 2, 3, 4, 5, 6]], [[1e9, 1, 2, 3, 4, 5]], float("nan")]  # fmt: skip
+
+
+def fuzzed(base: dict, rng) -> dict:
+    """``base`` with 1-3 fields (of annotations, images, categories or the top level) set to odd values."""
+    import copy
+
+    coco = copy.deepcopy(base)
+    for _ in range(rng.randint(1, 3)):
+        key = rng.choice(["annotations", "images", "categories", None])
+        if key is None:
+            coco[rng.choice(list(coco))] = rng.choice(WEIRD_VALUES)
+        elif isinstance(coco.get(key), list) and coco[key] and all(isinstance(x, dict) for x in coco[key]):
+            item = rng.choice(coco[key])
+            item[rng.choice([*item, "extra"])] = rng.choice(WEIRD_VALUES)
+    return coco
+
+
+def test_fuzzed_inputs_end_in_valid_output_or_a_user_error(tmp_path):
+    import random
+
+    from pycocotools.coco import COCO
+
+    from components.errors import UserError
+
+    root = tmp_path / "src"
+    base = build(root)
+    rng = random.Random(1234)
+    outcomes = {"ok": 0, "error": 0}
+    for i in range(150):
+        (root / "annotations" / "instances_train.json").write_text(json.dumps(fuzzed(base, rng)))
+        out = tmp_path / f"out{i}"
+        try:
+            ingest(str(root), out, splits=("train",), workers=1)
+        except UserError:
+            outcomes["error"] += 1
+            assert not out.exists()
+            continue
+        outcomes["ok"] += 1
+        coco = COCO(str(out / "annotations" / "instances_train.json"))
+        for a in coco.anns.values():  # everything kept is decodable and consistent with its image
+            info = coco.imgs[a["image_id"]]
+            assert coco.annToMask(a).shape == (info["height"], info["width"]) and a["area"] > 0
+            assert a["category_id"] in coco.cats and a["iscrowd"] in (0, 1)
+    assert outcomes["ok"] > 50 and outcomes["error"] > 10, outcomes
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("out")) == ["src"]
