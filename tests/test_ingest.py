@@ -65,6 +65,18 @@ def test_synthetic_local_and_s3_sources_give_the_same_layout(tmp_path, s3_server
     assert_same_dataset(tmp_path / "from-synthetic", tmp_path / "from-local", ("train", "val"))
     assert_same_dataset(tmp_path / "from-synthetic", tmp_path / "from-s3", ("train", "val"))
     assert s3.manifest["source"] == f"s3://{s3_bucket}/coco/tiny"
+    before = tree_digest(tmp_path / "from-s3")
+    again = ingest(f"s3://{s3_bucket}/coco/tiny", tmp_path / "from-s3", s3_endpoint_url=s3_server)
+    assert again.skipped and tree_digest(tmp_path / "from-s3") == before  # unchanged listing: no download
+    val = json.loads((raw / "annotations" / "instances_val.json").read_text())
+    val["annotations"] = val["annotations"][:1]
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).put_object(
+        Bucket=s3_bucket, Key="coco/tiny/annotations/instances_val.json", Body=json.dumps(val).encode()
+    )
+    changed = ingest(f"s3://{s3_bucket}/coco/tiny", tmp_path / "from-s3", s3_endpoint_url=s3_server)
+    assert not changed.skipped and changed.manifest["splits"]["val"]["annotations"] == 1
     assert synthetic.manifest["source"] == "synthetic"
 
     out = tmp_path / "from-synthetic"
