@@ -13,7 +13,7 @@ child process so that peak memory is its own:
 and prints wall time, peak RSS and the peak RSS growth over the process's start (imports) next to the JSON
 size. Targets (issue 3): validate <= 3x COCO() time, peak memory < 4x JSON size.
 
-    python bench/bench_ingest.py             # 1M instances / 100k images (~0.5 GB JSON; needs ~6 GB RAM)
+    python bench/bench_ingest.py             # 1M instances / 100k images (~340 MB JSON; COCO() needs ~2.5 GB RAM)
     python bench/bench_ingest.py --quick     # 50k instances / 5k images
 """
 
