@@ -10,6 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
+from PIL import Image
 
 from components.cli import main as atmask
 from components.coco_eval import evaluate_coco
@@ -91,14 +92,24 @@ def test_evaluate_writes_stable_metrics_equal_to_pycocotools(
     assert info["ablation"] == "atmask" and info["split"] == "val" and info["evaluator"] == "faster"
 
 
-def test_baseline_has_no_adaptive_key(tmp_path: Path, make_run, eval_data: Path, repo_root: Path) -> None:
+def test_baseline_keys_and_side_by_side_pictures(
+    tmp_path: Path, make_run, trained_atmask: Path, eval_data: Path, repo_root: Path
+) -> None:
     run = make_run(tmp_path / "baseline", "baseline", seed=1, steps=1)
     assert _evaluate(run, eval_data, repo_root) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics) == sorted(k for k in ATMASK_KEYS if "adaptive" not in k)
     assert not any(f.endswith("_maps.png") for f in _files(run))
 
+    # With runs/baseline beside it, an ATMask run's map pictures get a sixth panel: the baseline's masks.
+    atm = _copy_run(trained_atmask, tmp_path / "atmask")
+    assert _evaluate(atm, eval_data, repo_root) == 0
+    maps = sorted((atm / "samples").glob("*_maps.png"))
+    assert maps and all(Image.open(p).size[0] == round(2.6 * 7 * 100) for p in maps)
 
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_metrics_visible_through_mlflow_rest_api(
     tmp_path: Path, trained_atmask: Path, eval_data: Path, repo_root: Path, mlflow_server: str
 ) -> None:
@@ -213,24 +224,37 @@ def test_model_trained_on_other_categories_is_refused(
     assert _files(run) == RUN_FILES
 
 
-def test_boundary_band_pruning_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Skipping the bands of low-overlap annotations (coco_eval's speed-up) gives the exact same result
-    as faster-coco-eval computing every band, and as the pycocotools reference; crowd ground truth too."""
-    import contextlib
+def _native_faster_boundary(gt: dict, dets: list[dict]) -> tuple[list[float], object]:
+    """faster-coco-eval's own boundary mode (every band at full image size), as it ships."""
+    import numpy as np
+    from faster_coco_eval import COCO, COCOeval_faster
 
+    def quiet(*_, **__):
+        return None
+
+    coco_gt = COCO(gt, print_function=quiet)
+    coco_dt = coco_gt.loadRes([{k: v for k, v in d.items() if k != "bbox"} for d in dets])
+    ev = COCOeval_faster(coco_gt, coco_dt, "boundary", print_function=quiet)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return list(ev.stats[:12]), np.asarray(ev.eval["precision"])
+
+
+def test_fast_boundary_equals_faster_coco_eval_boundary_mode() -> None:
+    """Our boundary AP (Boundary IoU only where mask IoU >= 0.5, bands on the box) gives exactly the
+    numbers of faster-coco-eval's boundary mode, and those of the pycocotools reference; crowd too."""
     import numpy as np
     from pycocotools import mask as mask_util
-
-    import components.coco_eval as coco_eval
 
     rng = np.random.default_rng(7)
     images, anns, dets = [], [], []
     for image_id in range(1, 13):
         images.append({"id": image_id, "width": 64, "height": 48, "file_name": f"{image_id}.png"})
         for _ in range(4):
-            x, y, s, cat = *rng.integers(0, 30, 2), int(rng.integers(6, 18)), int(rng.integers(1, 3))
+            x, y, s, cat = *rng.integers(0, 50, 2), int(rng.integers(6, 18)), int(rng.integers(1, 3))
             m = np.zeros((48, 64), np.uint8, order="F")
-            m[y : y + s, x : x + s] = 1
+            m[y : y + s, x : x + s] = 1  # may touch the image border
             rle = mask_util.encode(m)
             rle["counts"] = rle["counts"].decode()
             crowd = int(len(anns) % 7 == 3)
@@ -248,12 +272,38 @@ def test_boundary_band_pruning_changes_nothing(monkeypatch: pytest.MonkeyPatch) 
         "annotations": anns,
         "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
     }
-    pruned = evaluate_coco(gt, dets, "boundary")
+    ours = evaluate_coco(gt, dets, "boundary")
     reference = evaluate_coco(gt, dets, "boundary", evaluator="pycocotools")
-    monkeypatch.setattr(coco_eval, "_bands_only_where_they_matter", contextlib.nullcontext)
-    every_band = evaluate_coco(gt, dets, "boundary")
-    assert 0.05 < pruned.stats["AP"] < 0.95  # a non-trivial case
-    assert pruned.stats == every_band.stats
-    np.testing.assert_array_equal(pruned.precision, every_band.precision)
+    native_stats, native_precision = _native_faster_boundary(gt, dets)
+    assert 0.05 < ours.stats["AP"] < 0.95  # a non-trivial case
+    assert list(ours.stats.values()) == native_stats
+    np.testing.assert_array_equal(ours.precision, native_precision)
     for stat, value in reference.stats.items():
-        assert pruned.stats[stat] == pytest.approx(value, abs=1e-4)
+        assert ours.stats[stat] == pytest.approx(value, abs=1e-4)
+
+
+def test_band_on_the_box_equals_reference_band() -> None:
+    """rle_band (bounding-box erosion, runs split at column ends) == mask_boundary on the full image."""
+    import numpy as np
+    from pycocotools import mask as mask_util
+
+    from components.boundary import mask_boundary, rle_band
+
+    rng = np.random.default_rng(3)
+    cases = [np.zeros((30, 40), np.uint8), np.ones((30, 40), np.uint8)]
+    edge = np.zeros((30, 40), np.uint8)
+    edge[20:, 5] = 1
+    edge[:7, 6] = 1  # a run from the bottom of column 5 into the top of column 6
+    cases.append(edge)
+    cases += [(rng.random((30, 40)) < p).astype(np.uint8) for p in (0.1, 0.5, 0.9)]
+    for _ in range(20):
+        m = np.zeros((30, 40), np.uint8)
+        y, x = rng.integers(-5, 30, 2)
+        m[max(y, 0) : y + rng.integers(1, 25), max(x, 0) : x + rng.integers(1, 35)] = 1
+        cases.append(m)
+    for ratio in (0.02, 0.1):
+        for m in cases:
+            x0, y0, crop = rle_band(mask_util.encode(np.asfortranarray(m)), ratio)
+            full = np.zeros(m.shape, bool)
+            full[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
+            np.testing.assert_array_equal(full, mask_boundary(m, ratio).astype(bool))
