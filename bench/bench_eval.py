@@ -12,6 +12,7 @@ of the 12 summary numbers between ours and pycocotools (must be <= 1e-4).
 
     python bench/bench_eval.py            # 5,000 images x 100 detections
     python bench/bench_eval.py --quick    # 500 images x 100 detections
+    python bench/bench_eval.py --quick --check-boundary   # + faster-coco-eval's own boundary mode
 """
 
 from __future__ import annotations
@@ -98,6 +99,21 @@ def plain_pycocotools(gt: dict, dets: list[dict]) -> np.ndarray:
     return np.asarray(ev.stats[:12], dtype=float)
 
 
+def native_boundary(gt: dict, dets: list[dict]) -> np.ndarray:
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    def quiet(*_: object, **__: object) -> None:
+        return None
+
+    coco_gt = COCO(gt, print_function=quiet)
+    coco_dt = coco_gt.loadRes([{k: v for k, v in d.items() if k != "bbox"} for d in dets])
+    ev = COCOeval_faster(coco_gt, coco_dt, "boundary", print_function=quiet)
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return np.asarray(ev.stats[:12], dtype=float)
+
+
 def timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -111,6 +127,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="500 images instead of 5,000")
     parser.add_argument("--images", type=int, help="number of images (overrides --quick)")
     parser.add_argument("--dets", type=int, default=100, help="detections per image (default 100)")
+    parser.add_argument(
+        "--check-boundary",
+        action="store_true",
+        help="also time faster-coco-eval's own boundary mode (every band at full size) and compare numbers",
+    )
     args = parser.parse_args()
     num_images = args.images or (500 if args.quick else 5000)
 
@@ -130,6 +151,11 @@ def main() -> None:
     print(f"ours boundary         {t_boundary:8.1f} s   AP {ours_boundary.stats['AP']:.4f}   "
           f"{t_boundary / t_segm:.2f}x the segm time (target < 2x)")  # fmt: skip
     print(f"max |ours - pycocotools| over the 12 segm stats: {diff:.2e} (must be <= 1e-4)")
+    if args.check_boundary:
+        native, t_native = timed(native_boundary, gt, dets)
+        ours_b = np.array(list(ours_boundary.stats.values()))
+        print(f"faster-coco-eval boundary mode {t_native:8.1f} s   AP {native[0]:.4f}   "
+              f"max |ours - it| {np.abs(ours_b - native).max():.2e}")  # fmt: skip
     if diff > 1e-4:
         raise SystemExit("FAIL: our segm metrics differ from pycocotools")
 
