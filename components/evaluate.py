@@ -245,8 +245,11 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
 
 
-def write_samples(out_dir: Path, inf: Inference, cfg: ModelConfig, cats: list[dict[str, Any]]) -> None:
-    """Per sample image: ``<id>_overlay.png``; for ATMask also ``<id>_maps.png`` (P, T, B, P>=0.5, P>=T)."""
+def write_samples(
+    out_dir: Path, inf: Inference, cfg: ModelConfig, cats: list[dict[str, Any]], baseline: Any = None
+) -> None:
+    """Per sample image: ``<id>_overlay.png``; for ATMask also ``<id>_maps.png`` (P, T, B, P>=0.5, P>=T and,
+    given the ``baseline`` model, its masks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [c["name"] for c in cats]
     for image_id, sample in sorted(inf.samples.items()):
@@ -260,11 +263,12 @@ def write_samples(out_dir: Path, inf: Inference, cfg: ModelConfig, cats: list[di
         drawn = plots.overlay(image, masks, sample["boxes"][keep].numpy(), captions)
         Image.fromarray(drawn).save(out_dir / f"{image_id}_overlay.png")
         if cfg.is_atmask and len(sample["scores"]) > 0:
-            write_maps(out_dir / f"{image_id}_maps.png", image, sample, cfg.head.k)
+            write_maps(out_dir / f"{image_id}_maps.png", image, sample, cfg.head.k, baseline)
 
 
-def write_maps(path: Path, image: np.ndarray, sample: dict[str, Any], k: float) -> None:
-    """The top-scoring detection's P, T and B maps next to the fixed (P >= 0.5) and adaptive masks."""
+def write_maps(path: Path, image: np.ndarray, sample: dict[str, Any], k: float, baseline: Any = None) -> None:
+    """The top-scoring detection's P, T and B maps next to the fixed (P >= 0.5) and adaptive masks, and
+    the baseline model's masks (score >= 0.5) on the same image when a baseline run is at hand."""
     top = int(torch.argmax(sample["scores"]))
     prob, thr = sample["prob_masks"][top, 0], sample["thr_masks"][top, 0]
     b = torch.sigmoid(k * (prob - thr))
@@ -275,6 +279,10 @@ def write_maps(path: Path, image: np.ndarray, sample: dict[str, Any], k: float) 
         ("mask P >= 0.5 (fixed)", plots.overlay(image, (prob >= 0.5).numpy()[None]), False),
         ("mask P >= T (adaptive)", plots.overlay(image, (prob >= thr).numpy()[None]), False),
     ]
+    if baseline is not None:
+        out = predict_with_maps(baseline, [sample["image"]])[0]
+        masks = (out["masks"][out["scores"] >= SAMPLE_SCORE_THRESHOLD, 0] >= 0.5).numpy()
+        panels.append(("baseline (Mask R-CNN) masks", plots.overlay(image, masks), False))
     plots.maps_figure(path, image, panels)
 
 
@@ -386,7 +394,7 @@ def evaluate(
     metrics, results = compute_metrics(data, inf, params, cfg.is_atmask)
     info = eval_info(cfg, data, split, params, model_path, inf)
     with staging(run_dir) as stage:
-        write_outputs(stage, metrics, results, info, inf, cfg, cats, split)
+        write_outputs(stage, run_dir, metrics, results, info, inf, cfg, cats, split)
         if record is not None:
             log_to_mlflow(record, params, metrics, stage, cfg)
         else:
@@ -412,12 +420,28 @@ def eval_info(
     }
 
 
-def write_outputs(stage: Path, metrics, results, info, inf: Inference, cfg, cats, split: str) -> None:
+def baseline_for_pictures(run_dir: Path, cfg: ModelConfig, cats: list[dict[str, Any]]) -> Any:
+    """The sibling ``baseline`` run's model (``runs/baseline``) for side-by-side pictures, if trained on the
+    same categories; else None."""
+    path = run_dir.parent / "baseline" / MODEL_FILE
+    if not cfg.is_atmask or not path.is_file():
+        return None
+    try:
+        model, base_cfg, base_cats = load_trained_model(path)
+    except UserError as err:
+        print(f"atmask evaluate: note: baseline pictures skipped ({err})")
+        return None
+    return model if not base_cfg.is_atmask and base_cats == cats else None
+
+
+def write_outputs(
+    stage: Path, run_dir: Path, metrics, results, info, inf: Inference, cfg, cats, split: str
+) -> None:
     write_json_atomic(stage / METRICS_FILE, metrics)
     write_json_atomic(stage / INFO_FILE, info)
     write_json_atomic(stage / f"detections_{split}.json", inf.results.get("final", []), indent=None)
     write_plots(stage / "plots", metrics, results, f"{cfg.ablation}: mask AP by binarization")
-    write_samples(stage / "samples", inf, cfg, cats)
+    write_samples(stage / "samples", inf, cfg, cats, baseline_for_pictures(run_dir, cfg, cats))
 
 
 @contextlib.contextmanager

@@ -50,6 +50,8 @@ def test_predict_from_run_folder(trained_atmask: Path, eval_data: Path, tmp_path
         assert ann["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1])
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_predict_from_registry_matches_run_folder(
     trained_atmask: Path, eval_data: Path, tmp_path: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -55,6 +55,8 @@ def _metric(run: Path, key: str = "segm/AP") -> float:
     return json.loads((run / "metrics.json").read_text())[key]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_register_load_champion_predict_and_reregister_is_noop(
     runs_dir: Path, registry, eval_data: Path, tmp_path: Path
 ) -> None:
@@ -100,6 +102,8 @@ def test_register_load_champion_predict_and_reregister_is_noop(
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_gate_refuses_worse_model_and_promote_moves_champion(
     runs_dir: Path, registry, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -94,6 +94,8 @@ def test_report_equals_run_metrics(
     assert baseline_line in capsys.readouterr().out
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_report_from_mlflow_experiment_matches_folders(
     runs_dir: Path, tmp_path: Path, repo_root: Path, mlflow_server: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
