@@ -1,0 +1,143 @@
+"""KFP v2 lightweight Python components of the ablation pipeline.
+
+Each function runs in the project image (``base_image``) with nothing installed at run time
+(``packages_to_install=[]``, ``install_kfp_package=False``: the image already has kfp and ``atmask``), so
+``kfp.local.SubprocessRunner(use_venv=False)`` runs the very same definitions with this machine's
+interpreter. KFP serialises only the function source: the bodies import :mod:`pipelines.runtime`.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+
+def ingest_op(
+    params_json: str,
+    overrides: str,
+    data_source: str,
+    recipe: str,
+    mlflow_tracking_uri: str,
+    register_candidate: str,
+    register_min_improvement: float,
+    data: Output[Dataset],
+    params_file: Output[dsl.Artifact],
+) -> None:
+    """Validate and normalise the COCO source into the Dataset artifact; resolve params.yaml once."""
+    from pathlib import Path
+
+    from pipelines import runtime
+
+    keys = runtime.pipeline_overrides(
+        data_source, recipe, mlflow_tracking_uri, register_candidate, register_min_improvement, overrides
+    )
+    params = runtime.write_params(params_json, keys, Path(params_file.path))
+    manifest = runtime.ingest_step(params, data_source, Path(data.path))
+    data.metadata["checksum"] = manifest.get("checksum", "")
+    data.metadata["source"] = data_source
+
+
+def train_op(
+    params_file: Input[dsl.Artifact],
+    data: Input[Dataset],
+    ablation: str,
+    mlflow_tracking_uri: str,
+    model: Output[Model],
+) -> None:
+    """Train one ablation; the Model artifact is the run folder (model.pt, train_log.json, mlflow_run.json)."""
+    from pathlib import Path
+
+    from pipelines import runtime
+
+    runtime.use_tracking_uri(mlflow_tracking_uri)
+    params = Path(params_file.path) / runtime.PARAMS_FILE
+    runtime.train_step(params, ablation, Path(data.path), Path(model.path))
+    model.metadata["ablation"] = ablation
+    model.metadata["framework"] = "pytorch"
+
+
+def evaluate_op(
+    params_file: Input[dsl.Artifact],
+    data: Input[Dataset],
+    model: Input[Model],
+    mlflow_tracking_uri: str,
+    evaluated: Output[Model],
+    metrics: Output[Metrics],
+) -> None:
+    """COCO bbox/segm/boundary AP of one trained run; metrics also go to the run's MLflow run."""
+    from pathlib import Path
+
+    from pipelines import runtime
+
+    runtime.use_tracking_uri(mlflow_tracking_uri)
+    params = Path(params_file.path) / runtime.PARAMS_FILE
+    values = runtime.evaluate_step(params, Path(model.path), Path(data.path), Path(evaluated.path))
+    for key, value in sorted(values.items()):
+        metrics.log_metric(key.replace("/", "_"), float(value))
+    evaluated.metadata["ablation"] = model.metadata.get("ablation", "")
+    evaluated.metadata["segm_AP"] = float(values["segm/AP"])
+
+
+def report_op(
+    params_file: Input[dsl.Artifact],
+    runs: Input[list[Model]],
+    report: Output[Markdown],
+    table: Output[Dataset],
+) -> None:
+    """The ablation table (paper Tables 2-5) from every evaluated run of this pipeline run."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pipelines import runtime
+
+    params = Path(params_file.path) / runtime.PARAMS_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        runtime.gather_runs([Path(r.path) for r in runs], Path(tmp) / "runs")
+        markdown = runtime.report_step(params, Path(tmp) / "runs", Path(tmp) / "reports")
+        shutil.copyfile(Path(tmp) / "reports" / "ablations.csv", table.path)
+    Path(report.path).write_text(markdown, encoding="utf-8")
+
+
+def register_op(
+    params_file: Input[dsl.Artifact],
+    runs: Input[list[Model]],
+    mlflow_tracking_uri: str,
+    pipeline_run_id: str,
+    decision: Output[dsl.Artifact],
+) -> NamedTuple("RegisterOutputs", model_uri=str, alias=str):
+    """Register the best (or chosen) run in the MLflow Model Registry; gate the champion alias."""
+    import tempfile
+    from collections import namedtuple
+    from pathlib import Path
+
+    from pipelines import runtime
+
+    runtime.use_tracking_uri(mlflow_tracking_uri)
+    params = Path(params_file.path) / runtime.PARAMS_FILE
+    with tempfile.TemporaryDirectory() as tmp:
+        runtime.gather_runs([Path(r.path) for r in runs], Path(tmp) / "runs")
+        result = runtime.register_step(params, Path(tmp) / "runs", pipeline_run_id, Path(decision.path))
+    decision.metadata["version"] = str(result["version"])
+    decision.metadata["decision"] = result["decision"]
+    outputs = namedtuple("RegisterOutputs", ["model_uri", "alias"])
+    uri = result.get("model_uri") or f"models:/{result['model_name']}/{result['version']}"
+    return outputs(uri, result["decision"])
+
+
+FUNCTIONS: dict[str, Callable] = {
+    "ingest": ingest_op,
+    "train": train_op,
+    "evaluate": evaluate_op,
+    "report": report_op,
+    "register": register_op,
+}
+
+
+def build_components(image: str) -> dict[str, Callable]:
+    """The five components, each running in ``image`` with no run-time installs."""
+    return {
+        name: dsl.component(func, base_image=image, packages_to_install=[], install_kfp_package=False)
+        for name, func in FUNCTIONS.items()
+    }

@@ -1,0 +1,151 @@
+"""What the KFP components do inside their container: prepare params, call the ``atmask`` CLI.
+
+The component functions in :mod:`pipelines.components` are thin shells (KFP serialises their source);
+everything they do lives here so it is importable from the project image and testable without KFP.
+Every step goes through ``components.cli.main`` so the pipeline, DVC and users share one code path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.errors import UserError
+
+PARAMS_FILE = "params.yaml"
+
+
+def pipeline_overrides(
+    data_source: str,
+    recipe: str,
+    mlflow_tracking_uri: str,
+    register_candidate: str,
+    register_min_improvement: float,
+    overrides_json: str,
+) -> dict[str, Any]:
+    """Dotted params.yaml keys set by the pipeline's parameters; ``overrides_json`` wins over them."""
+    keys: dict[str, Any] = {
+        "data.source": data_source,
+        "train.recipe": recipe,
+        "register.candidate": register_candidate,
+        "register.min_improvement": float(register_min_improvement),
+    }
+    if mlflow_tracking_uri:
+        keys["mlflow.tracking_uri"] = mlflow_tracking_uri
+    try:
+        extra = json.loads(overrides_json or "{}")
+    except json.JSONDecodeError as err:
+        raise UserError(f"pipeline parameter overrides: not valid JSON ({err}); pass an object") from None
+    if not isinstance(extra, dict):
+        raise UserError("pipeline parameter overrides: expected a JSON object of dotted keys to values")
+    return {**keys, **extra}
+
+
+def write_params(params_json: str, overrides: dict[str, Any], dest_dir: Path) -> Path:
+    """Write params.yaml with ``overrides`` applied, validate it, and return its path."""
+    from components.params import load_params
+
+    raw = yaml.safe_load(params_json) or {}  # JSON is YAML
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    path = dest_dir / PARAMS_FILE
+    path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
+    load_params(path)  # fail here, naming the key, rather than deep inside a step
+    return path
+
+
+def use_tracking_uri(mlflow_tracking_uri: str) -> None:
+    """A non-empty pipeline parameter wins over $MLFLOW_TRACKING_URI from the cluster Secret."""
+    if mlflow_tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = mlflow_tracking_uri
+
+
+def call_cli(argv: list[str]) -> None:
+    from components.cli import main
+
+    rc = main(argv)
+    if rc != 0:
+        raise RuntimeError(f"atmask {' '.join(argv)} exited with status {rc}")
+
+
+def ingest_step(params: Path, source: str, out_dir: Path) -> dict[str, Any]:
+    call_cli(["ingest", "--source", source, "--out", str(out_dir), "--params", str(params)])
+    return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def train_step(params: Path, ablation: str, data_dir: Path, out_dir: Path) -> None:
+    """One process per GPU with torchrun when the pod has several; in-process otherwise."""
+    argv = ["train", "--config", ablation, "--params", str(params), "--data", str(data_dir)]
+    argv += ["--out", str(out_dir)]
+    gpus = gpu_count()
+    if gpus <= 1:
+        call_cli(argv)
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}"]
+    result = subprocess.run([*cmd, "-m", "components.cli", *argv], check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"torchrun atmask train --config {ablation} exited with {result.returncode}")
+
+
+def evaluate_step(params: Path, run_in: Path, data_dir: Path, run_out: Path) -> dict[str, float]:
+    """Evaluate a copy of the trained run (input artifacts stay untouched) and return its metrics."""
+    if run_out.exists():
+        shutil.rmtree(run_out)
+    shutil.copytree(run_in, run_out)
+    call_cli(["evaluate", "--run", str(run_out), "--data", str(data_dir), "--params", str(params)])
+    return json.loads((run_out / "metrics.json").read_text(encoding="utf-8"))
+
+
+def run_name(run_dir: Path) -> str:
+    """The ablation a run folder was trained for (eval_info.json, else model.pt's metadata)."""
+    info = run_dir / "eval_info.json"
+    if info.is_file():
+        return str(json.loads(info.read_text(encoding="utf-8"))["ablation"])
+    import torch
+
+    return str(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)["ablation"])
+
+
+def gather_runs(run_dirs: list[Path], runs_dir: Path) -> list[str]:
+    """Lay the evaluated runs out as ``runs_dir/<ablation>/`` (what report and register read)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    names = []
+    for run_dir in run_dirs:
+        name = run_name(run_dir)
+        if (runs_dir / name).exists():
+            raise UserError(f"two runs for ablation {name!r} ({run_dir}); select each ablation once")
+        shutil.copytree(run_dir, runs_dir / name)
+        names.append(name)
+    return names
+
+
+def report_step(params: Path, runs_dir: Path, out_dir: Path) -> str:
+    call_cli(["report", "--runs", str(runs_dir), "--out", str(out_dir), "--params", str(params)])
+    return (out_dir / "ablations.md").read_text(encoding="utf-8")
+
+
+def register_step(params: Path, runs_dir: Path, pipeline_run_id: str, out: Path) -> dict[str, Any]:
+    argv = ["register", "--runs", str(runs_dir), "--params", str(params), "--out", str(out)]
+    call_cli([*argv, "--pipeline-run-id", pipeline_run_id])
+    return json.loads(out.read_text(encoding="utf-8"))

@@ -1,0 +1,296 @@
+"""The Kubeflow pipeline: compiled YAML (fresh, GPU/secrets/retries), submit errors, kfp.local run."""
+
+import http.server
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+import yaml
+
+from components.cli import main as atmask
+from components.errors import UserError
+from pipelines import pipeline as pl
+from pipelines import runtime
+from pipelines.cli import COMPILED, parse_params
+
+GPU_TASKS = ("exec-train-op", "exec-evaluate-op")
+
+
+def load_spec(path: Path) -> tuple[dict, dict]:
+    docs = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
+    assert len(docs) == 2, "pipeline spec + kubernetes platform spec"
+    return docs[0], docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> tuple[dict, dict]:
+    return load_spec(COMPILED)
+
+
+def test_committed_pipeline_is_up_to_date(tmp_path: Path, repo_root: Path) -> None:
+    out = tmp_path / "fresh.yaml"
+    image = pl.compiled_image(COMPILED)
+    assert atmask(["pipeline", "compile", "--out", str(out), "--params", str(repo_root / "params.yaml")]) == 0
+    assert out.read_text() == COMPILED.read_text(), (
+        "pipelines/atmask_pipeline.yaml is stale: run 'atmask pipeline compile' and commit it"
+    )
+    assert pl.compiled_image(out) == image
+
+
+def test_dag_shape(compiled: tuple[dict, dict]) -> None:
+    spec, _ = compiled
+    assert spec["pipelineInfo"]["name"] == "atmask-ablation"
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"ingest-op", "for-loop-1", "report-op", "register-op"}
+    assert root["for-loop-1"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ablations"
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert set(loop) == {"train-op", "evaluate-op"}
+    assert loop["evaluate-op"]["dependentTasks"] == ["train-op"]
+    assert set(root["register-op"]["dependentTasks"]) == {"ingest-op", "for-loop-1", "report-op"}
+    # report and register receive the collected (fanned-in) evaluated runs as a list of Models
+    runs = spec["components"]["comp-report-op"]["inputDefinitions"]["artifacts"]["runs"]
+    assert runs == {
+        "artifactType": {"schemaTitle": "system.Model", "schemaVersion": "0.0.1"},
+        "isArtifactList": True,
+    }
+    metrics = spec["components"]["comp-evaluate-op"]["outputDefinitions"]["artifacts"]["metrics"]
+    assert metrics["artifactType"]["schemaTitle"] == "system.Metrics"
+    report = spec["components"]["comp-report-op"]["outputDefinitions"]["artifacts"]["report"]
+    assert report["artifactType"]["schemaTitle"] == "system.Markdown"
+
+
+def test_parameter_defaults_come_from_params_yaml(compiled: tuple[dict, dict], repo_root: Path) -> None:
+    spec, _ = compiled
+    params = {k: v["defaultValue"] for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert json.loads(params.pop("params_json")) == raw
+    assert params == {
+        "ablations": list(raw["ablations"]),
+        "data_source": raw["data"]["source"],
+        "recipe": raw["train"]["recipe"],
+        "mlflow_tracking_uri": "",
+        "register_candidate": raw["register"]["candidate"],
+        "register_min_improvement": raw["register"]["min_improvement"],
+        "overrides": "{}",
+    }
+
+
+def test_other_params_file_and_image_change_defaults(tmp_path: Path, repo_root: Path) -> None:
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["data"]["source"] = "s3://bucket/coco"
+    raw["train"]["recipe"] = "r50_fpn_coco"
+    raw["mlflow"]["tracking_uri"] = "http://mlflow.atmask:5000"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "p.yaml"
+    image = "registry.example.com/atmask@sha256:" + "a" * 64
+    argv = ["pipeline", "compile", "--out", str(out), "--params", str(tmp_path / "params.yaml")]
+    assert atmask([*argv, "--image", image, "--gpus", "4"]) == 0
+    spec, _ = load_spec(out)
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["data_source"]["defaultValue"] == "s3://bucket/coco"
+    assert params["recipe"]["defaultValue"] == "r50_fpn_coco"
+    assert params["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow.atmask:5000"
+    executors = spec["deploymentSpec"]["executors"]
+    assert {e["container"]["image"] for e in executors.values()} == {image}
+    assert executors["exec-train-op"]["container"]["resources"]["accelerator"]["resourceCount"] == "4"
+    assert pl.compiled_image(out) == image
+
+
+def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, dict]) -> None:
+    spec, platform = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    for name in GPU_TASKS:
+        res = executors[name]["container"]["resources"]
+        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert res["accelerator"]["resourceCount"] == "1"
+        assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == ("8", "16")
+        assert (res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == ("48G", "64G")
+        k8s = platform[name]
+        assert k8s["emptyDirMounts"] == [
+            {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
+        ]
+        assert k8s["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+        assert k8s["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    for task in ("train-op", "evaluate-op"):
+        assert loop[task]["retryPolicy"] == {
+            "backoffDuration": "60s",
+            "backoffFactor": 2.0,
+            "backoffMaxDuration": "3600s",
+            "maxRetryCount": 3,
+        }
+    for name in ("exec-ingest-op", "exec-report-op", "exec-register-op"):
+        assert "accelerator" not in executors[name]["container"]["resources"]
+
+
+def test_secrets_are_env_from_secret_refs(compiled: tuple[dict, dict]) -> None:
+    _, platform = compiled
+    expected = {
+        "exec-ingest-op": {"atmask-s3"},
+        "exec-train-op": {"atmask-s3", "atmask-mlflow-client"},
+        "exec-evaluate-op": {"atmask-s3", "atmask-mlflow-client"},
+        "exec-register-op": {"atmask-s3", "atmask-mlflow-client"},
+    }
+    for name, secrets in expected.items():
+        refs = {s["secretName"]: s for s in platform[name]["secretAsEnv"]}
+        assert set(refs) == secrets
+        for ref in refs.values():
+            assert {e["envVar"] for e in ref["keyToEnv"]} <= set(pl.S3_KEYS + pl.MLFLOW_KEYS)
+    assert "secretAsEnv" not in platform.get("exec-report-op", {})
+
+
+def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
+    spec, _ = compiled
+    executors = spec["deploymentSpec"]["executors"]
+    assert set(executors) == {f"exec-{n}-op" for n in ("ingest", "train", "evaluate", "report", "register")}
+    for executor in executors.values():
+        command = " ".join(executor["container"]["command"])
+        assert "pip install" not in command and "pip3" not in command
+        assert "from pipelines import runtime" in command
+    assert len({e["container"]["image"] for e in executors.values()}) == 1
+
+
+def test_caching_off_only_for_register(compiled: tuple[dict, dict]) -> None:
+    spec, _ = compiled
+    root = spec["root"]["dag"]["tasks"]
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    assert root["register-op"]["cachingOptions"] == {}
+    for task in (root["ingest-op"], root["report-op"], loop["train-op"], loop["evaluate-op"]):
+        assert task["cachingOptions"] == {"enableCache": True}
+    # the parameters a cache key must see reach the tasks as inputs
+    ingest_inputs = set(root["ingest-op"]["inputs"]["parameters"])
+    assert {"params_json", "overrides", "data_source", "recipe", "register_min_improvement"} <= ingest_inputs
+
+
+# ------------------------------------------------------------------ runtime helpers
+
+
+def test_write_params_applies_overrides_and_validates(tmp_path: Path, repo_root: Path) -> None:
+    raw = json.dumps(yaml.safe_load((repo_root / "params.yaml").read_text()))
+    keys = runtime.pipeline_overrides(
+        "s3://b/p", "cpu_demo", "", "atmask", 0.5, '{"recipes.cpu_demo.iterations": 7}'
+    )
+    path = runtime.write_params(raw, keys, tmp_path)
+    from components.params import load_params
+
+    params = load_params(path)
+    assert (params.data.source, params.register.candidate, params.register.min_improvement) == (
+        "s3://b/p",
+        "atmask",
+        0.5,
+    )
+    assert params.train.iterations == 7
+    assert params.mlflow.tracking_uri is None
+    with pytest.raises(UserError, match=r"recipes.cpu_demo.itrations: unknown key"):
+        runtime.write_params(raw, {"recipes.cpu_demo.itrations": 7}, tmp_path / "bad")
+    with pytest.raises(UserError, match="overrides: not valid JSON"):
+        runtime.pipeline_overrides("synthetic", "cpu_demo", "", "best", 0.0, "{nope")
+
+
+def test_parse_params_checks_names_and_types() -> None:
+    declared = {"ablations": "LIST", "data_source": "STRING", "register_min_improvement": "NUMBER_DOUBLE"}
+    assert parse_params(
+        ["ablations=baseline,atmask", "data_source=s3://b/x", "register_min_improvement=0.5"], declared
+    ) == {
+        "ablations": ["baseline", "atmask"],
+        "data_source": "s3://b/x",
+        "register_min_improvement": 0.5,
+    }
+    assert parse_params(["ablations=[thr]"], declared) == {"ablations": ["thr"]}
+    with pytest.raises(UserError, match="--param nope: not a pipeline parameter"):
+        parse_params(["nope=1"], declared)
+    with pytest.raises(UserError, match="expected number double"):
+        parse_params(["register_min_improvement=high"], declared)
+    with pytest.raises(UserError, match="expected KEY=VALUE"):
+        parse_params(["ablations"], declared)
+
+
+# ------------------------------------------------------------------ submit
+
+
+class _Refuse(http.server.BaseHTTPRequestHandler):
+    seen: ClassVar[list[str | None]] = []
+
+    def do_GET(self) -> None:
+        _Refuse.seen.append(self.headers.get("Authorization"))
+        self.send_response(401)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def refusing_host() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_submit_unreachable_host_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+    start = time.monotonic()
+    assert atmask(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 1
+    assert time.monotonic() - start < 5
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith(
+        "atmask pipeline: error: --host http://127.0.0.1:9: cannot reach the Kubeflow Pipelines API"
+    )
+
+
+def test_submit_refused_token(
+    refusing_host: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", "not-a-valid-token")
+    assert atmask(["pipeline", "submit", "--host", refusing_host]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"atmask pipeline: error: --host {refusing_host}: token refused (HTTP 401); set a valid bearer "
+        "token in $KF_PIPELINES_TOKEN (or the variable named by --token-env)"
+    )
+    assert _Refuse.seen[-1] == "Bearer not-a-valid-token"
+
+
+def test_submit_bad_param_fails_before_contacting_host(capsys: pytest.CaptureFixture[str]) -> None:
+    assert atmask(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--param", "epochs=3"]) == 1
+    assert "--param epochs: not a pipeline parameter" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ kfp.local
+
+
+@pytest.mark.slow
+def test_run_local_executes_whole_dag(
+    tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "work"
+    assert (
+        atmask(["pipeline", "run-local", "--workdir", str(work), "--params", str(repo_root / "params.yaml")])
+        == 0
+    )
+    for ablation in ("baseline", "atmask"):
+        metrics = json.loads((work / "runs" / ablation / "metrics.json").read_text())
+        for key in ("segm/AP", "bbox/AP", "boundary/AP", "threshold_sweep/0.5/segm_AP"):
+            assert 0.0 <= metrics[key] <= 1.0 or metrics[key] == -1.0
+        assert (work / "runs" / ablation / "model.pt").is_file()
+    assert "threshold_sweep/adaptive/segm_AP" in json.loads((work / "runs/atmask/metrics.json").read_text())
+    table = (work / "reports" / "ablations.md").read_text()
+    assert "| baseline |" in table and "| atmask |" in table
+    decision = json.loads((work / "reports" / "registry.json").read_text())
+    assert decision["version"] in (1, "1")
+    assert decision["decision"] in ("champion", "challenger")
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'atmask-rcnn'")
+    assert [v.version for v in versions] == ["1"]
+    assert client.get_model_version_by_alias("atmask-rcnn", decision["decision"]).version == "1"
+    summary = json.loads((work / "summary.json").read_text())
+    assert set(summary["runs"]) == {"baseline", "atmask"}
