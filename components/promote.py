@@ -28,7 +28,7 @@ def promote(params, version: str, model_name: str | None = None) -> str | None:
             f"MLflow at {uri}: model {name!r} has no version {version}; list them in the MLflow UI"
         ) from None
     try:
-        previous = client.get_model_version_by_alias(name, CHAMPION).version
+        previous = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         previous = None
     client.set_registered_model_alias(name, CHAMPION, str(version))

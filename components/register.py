@@ -110,7 +110,13 @@ def gate(
     if reasons:
         return False, "; ".join(reasons)
     against = f"champion v{champion[0]} ({champion[1]:.4f})" if champion else "no champion yet"
-    return True, f"{metric} {value:.4f} beats {against} and the baseline runs by > {margin}"
+    if cand.ablation == "baseline" or not baselines:
+        base = "no baseline comparison: " + (
+            "it is the baseline" if baselines else "no baseline run in this set"
+        )
+    else:
+        base = f"the baseline run ({max(baselines):.4f})"
+    return True, f"{metric} {value:.4f} beats {against}; {base}; margin {margin}"
 
 
 def current_champion(client: Any, name: str, metric: str) -> tuple[str, float] | None:
@@ -121,7 +127,7 @@ def current_champion(client: Any, name: str, metric: str) -> tuple[str, float] |
     except MlflowException:
         return None
     value = mv.tags.get(f"metric.{mlflow_key(metric)}")
-    return (mv.version, float(value)) if value is not None else (mv.version, float("-inf"))
+    return (str(mv.version), float(value) if value is not None else float("-inf"))
 
 
 # ------------------------------------------------------------------ MLflow
@@ -245,7 +251,7 @@ def register(
     if existing is not None:
         aliases = sorted(client.get_model_version(name, existing.version).aliases)
         reason = f"{cand.run_dir} is already registered as version {existing.version}; nothing to do"
-        decision.update(version=existing.version, decision="unchanged", aliases=aliases, reason=reason)
+        decision.update(version=str(existing.version), decision="unchanged", aliases=aliases, reason=reason)
     else:
         decision.update(register_new(client, params, cand, cands, sha, pipeline_run_id))
     write_json_atomic(out, decision)
@@ -266,7 +272,7 @@ def register_new(client, params: Params, cand: Candidate, cands, sha: str, pipel
     client.set_registered_model_alias(reg.model_name, alias, mv.version)
     client.set_model_version_tag(reg.model_name, mv.version, "gate", reason)
     return {
-        "version": mv.version,
+        "version": str(mv.version),
         "decision": alias,
         "aliases": [alias],
         "reason": reason,

@@ -135,7 +135,14 @@ def _cand(ablation: str, ap: float) -> Candidate:
 
 def test_gate_rules() -> None:
     atm, base = _cand("atmask", 0.40), _cand("baseline", 0.38)
-    assert gate(atm, [atm, base], None, "segm/AP", 0.0)[0] is True
+    assert gate(atm, [atm, base], None, "segm/AP", 0.0) == (
+        True,
+        "segm/AP 0.4000 beats no champion yet; the baseline run (0.3800); margin 0.0",
+    )
+    assert gate(atm, [atm], ("2", 0.3), "segm/AP", 0.0) == (
+        True,
+        "segm/AP 0.4000 beats champion v2 (0.3000); no baseline comparison: no baseline run in this set; margin 0.0",
+    )
     assert gate(atm, [atm, base], ("3", 0.39), "segm/AP", 0.0)[0] is True
     ok, why = gate(atm, [atm, base], ("3", 0.39), "segm/AP", 0.02)  # margin: 0.40 is not > 0.41
     assert not ok and why.startswith("segm/AP 0.4000 does not beat champion v3 (0.3900) by > 0.02")
