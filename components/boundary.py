@@ -85,15 +85,18 @@ def rle_counts(rle: dict[str, Any]) -> np.ndarray:
     return values
 
 
-def rle_band(rle: dict[str, Any], dilation_ratio: float = 0.02) -> tuple[int, int, np.ndarray]:
+def rle_band(
+    rle: dict[str, Any], dilation_ratio: float = 0.02, counts: np.ndarray | None = None
+) -> tuple[int, int, np.ndarray]:
     """The boundary band of a compressed RLE as ``(x0, y0, bool crop)`` over the mask's bounding box.
 
     Same pixels as :func:`mask_boundary` (outside the box the mask and its band are empty), without
     decoding the full image: the erosion runs on the box. Vertically it shrinks each column run by ``d``
     at both ends; horizontally it is a sliding-window minimum over columns (by a cumulative sum).
+    ``counts``: the RLE's run lengths if already decoded (e.g. by faster-coco-eval's C++).
     """
     h, w = (int(v) for v in rle["size"])
-    runs = _column_runs(rle_counts(rle), h)
+    runs = _column_runs(rle_counts(rle) if counts is None else counts, h)
     if runs is None:
         return 0, 0, np.zeros((0, 0), dtype=bool)
     cols, top, bottom = runs
