@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import UserError
+from components.io import write_text_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_REPOSITORY = "ghcr.io/atmask-rcnn/atmask"
@@ -45,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_compile:
         out = use_image(final, args.pipeline, args.params)
         print(f"{out}: components now run in {final}")
+    if "@" in final:
+        for overlay in pin_overlays(final, REPO_ROOT / "k8s" / "overlays"):
+            print(f"{overlay}: workloads now run in {final}")
     return 0
 
 
@@ -125,6 +129,27 @@ def use_image(ref: str, pipeline: Path | None = None, params: Path = Path("param
     from pipelines import pipeline as pl
 
     return pl.compile_pipeline(pipeline or pl.COMPILED, ref, params)
+
+
+_IMAGES_BLOCK = re.compile(r"^images:\n(?:[ -].*\n)*", re.MULTILINE)
+
+
+def pin_overlays(pinned: str, overlays: Path) -> list[Path]:
+    """Point every overlay's ``images:`` entry at ``repository@sha256:...`` (comments elsewhere kept)."""
+    repository, digest = pinned.split("@", 1)
+    block = f"images:\n  - name: {DEFAULT_REPOSITORY}\n    newName: {repository}\n    digest: {digest}\n"
+    changed = []
+    for path in sorted(overlays.glob("*/kustomization.yaml")):
+        text = path.read_text(encoding="utf-8")
+        new, count = _IMAGES_BLOCK.subn(block, text, count=1)
+        if count != 1:
+            raise UserError(
+                f"{path}: no top-level 'images:' list to pin; add one naming {DEFAULT_REPOSITORY}"
+            )
+        if new != text:
+            write_text_atomic(path, new)
+        changed.append(path)
+    return changed
 
 
 def _first_line(err: Exception) -> str:

@@ -163,3 +163,23 @@ def test_use_image_rewrites_every_component(tmp_path: Path) -> None:
     out = image.use_image(ref, tmp_path / "p.yaml", ROOT / "params.yaml")
     spec = next(yaml.safe_load_all(out.read_text()))
     assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} == {ref}
+
+
+def test_push_pins_overlays_to_the_pushed_digest(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
+    pinned = "registry.example.com/team/atmask@sha256:" + "d" * 64
+    changed = image.pin_overlays(pinned, tmp_path / "k8s" / "overlays")
+    assert [p.parent.name for p in changed] == ["dev", "prod"]
+    kubectl = tool(".tools/kubectl/bin/kubectl", "kubectl")
+    for overlay in ("dev", "prod"):
+        text = (tmp_path / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text()
+        assert text.startswith("# ") and "patches:" in text  # the rest of the file is kept
+        out = subprocess.run(
+            [kubectl, "kustomize", str(tmp_path / "k8s" / "overlays" / overlay)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        images = set(re.findall(r"image: (\S+)", out))
+        assert images == {pinned}
+    (tmp_path / "k8s" / "overlays" / "dev" / "kustomization.yaml").write_text("resources: [../../base]\n")
+    with pytest.raises(UserError, match="no top-level 'images:' list"):
+        image.pin_overlays(pinned, tmp_path / "k8s" / "overlays")
