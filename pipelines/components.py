@@ -13,27 +13,36 @@ from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 
 
-def ingest_op(
+def config_op(
     params_json: str,
     overrides: str,
     data_source: str,
     recipe: str,
-    mlflow_tracking_uri: str,
-    register_candidate: str,
-    register_min_improvement: float,
-    data: Output[Dataset],
     params_file: Output[dsl.Artifact],
 ) -> None:
-    """Validate and normalise the COCO source into the Dataset artifact; resolve params.yaml once."""
+    """params.yaml for this run: the pipeline's copy with its parameters applied, validated once."""
     from pathlib import Path
 
     from pipelines import runtime
 
-    keys = runtime.pipeline_overrides(
-        data_source, recipe, mlflow_tracking_uri, register_candidate, register_min_improvement, overrides
-    )
-    params = runtime.write_params(params_json, keys, Path(params_file.path))
-    manifest = runtime.ingest_step(params, data_source, Path(data.path))
+    keys = runtime.pipeline_overrides(overrides, {"data.source": data_source, "train.recipe": recipe})
+    runtime.write_params(params_json, keys, Path(params_file.path))
+
+
+def ingest_op(params_json: str, overrides: str, data_source: str, data: Output[Dataset]) -> None:
+    """Validate and normalise the COCO source into the Dataset artifact.
+
+    Takes only what the data depends on, so a new recipe or registry gate reuses the cached dataset.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from pipelines import runtime
+
+    keys = runtime.pipeline_overrides(overrides, {"data.source": data_source})
+    with tempfile.TemporaryDirectory() as tmp:
+        params = runtime.write_params(params_json, keys, Path(tmp))
+        manifest = runtime.ingest_step(params, data_source, Path(data.path))
     data.metadata["checksum"] = manifest.get("checksum", "")
     data.metadata["source"] = data_source
 
@@ -104,6 +113,8 @@ def register_op(
     params_file: Input[dsl.Artifact],
     runs: Input[list[Model]],
     mlflow_tracking_uri: str,
+    register_candidate: str,
+    register_min_improvement: float,
     pipeline_run_id: str,
     decision: Output[dsl.Artifact],
 ) -> NamedTuple("RegisterOutputs", model_uri=str, alias=str):
@@ -115,8 +126,10 @@ def register_op(
     from pipelines import runtime
 
     runtime.use_tracking_uri(mlflow_tracking_uri)
-    params = Path(params_file.path) / runtime.PARAMS_FILE
+    gate = {"register.candidate": register_candidate, "register.min_improvement": register_min_improvement}
     with tempfile.TemporaryDirectory() as tmp:
+        text = (Path(params_file.path) / runtime.PARAMS_FILE).read_text(encoding="utf-8")
+        params = runtime.write_params(text, gate, Path(tmp) / "params")
         runtime.gather_runs([Path(r.path) for r in runs], Path(tmp) / "runs")
         result = runtime.register_step(params, Path(tmp) / "runs", pipeline_run_id, Path(decision.path))
     decision.metadata["version"] = str(result["version"])
@@ -127,6 +140,7 @@ def register_op(
 
 
 FUNCTIONS: dict[str, Callable] = {
+    "config": config_op,
     "ingest": ingest_op,
     "train": train_op,
     "evaluate": evaluate_op,
@@ -136,7 +150,7 @@ FUNCTIONS: dict[str, Callable] = {
 
 
 def build_components(image: str) -> dict[str, Callable]:
-    """The five components, each running in ``image`` with no run-time installs."""
+    """The six components, each running in ``image`` with no run-time installs."""
     return {
         name: dsl.component(func, base_image=image, packages_to_install=[], install_kfp_package=False)
         for name, func in FUNCTIONS.items()

@@ -108,17 +108,13 @@ def build_pipeline(
         register_min_improvement: float = d["register_min_improvement"],
         overrides: str = d["overrides"],
     ) -> None:
-        ingest = ops["ingest"](
-            params_json=params_json,
-            overrides=overrides,
-            data_source=data_source,
-            recipe=recipe,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            register_candidate=register_candidate,
-            register_min_improvement=register_min_improvement,
-        ).set_display_name("ingest")
-        on_cpu_node(use_secrets(ingest, mlflow=False), "4", "16G")
-        params_file, data = ingest.outputs["params_file"], ingest.outputs["data"]
+        config = ops["config"](
+            params_json=params_json, overrides=overrides, data_source=data_source, recipe=recipe
+        ).set_display_name("config")
+        on_cpu_node(config, "1", "1G")
+        ingest = ops["ingest"](params_json=params_json, overrides=overrides, data_source=data_source)
+        on_cpu_node(use_secrets(ingest.set_display_name("ingest"), mlflow=False), "4", "16G")
+        params_file, data = config.outputs["params_file"], ingest.outputs["data"]
         with dsl.ParallelFor(items=ablations) as ablation:
             train = ops["train"](
                 params_file=params_file, data=data, ablation=ablation, mlflow_tracking_uri=mlflow_tracking_uri
@@ -139,6 +135,8 @@ def build_pipeline(
             params_file=params_file,
             runs=dsl.Collected(evaluate.outputs["evaluated"]),
             mlflow_tracking_uri=mlflow_tracking_uri,
+            register_candidate=register_candidate,
+            register_min_improvement=register_min_improvement,
             pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         ).set_display_name("register")
         # The gate compares with the registry's current champion, which changes outside this pipeline.

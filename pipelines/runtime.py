@@ -22,23 +22,8 @@ from components.errors import UserError
 PARAMS_FILE = "params.yaml"
 
 
-def pipeline_overrides(
-    data_source: str,
-    recipe: str,
-    mlflow_tracking_uri: str,
-    register_candidate: str,
-    register_min_improvement: float,
-    overrides_json: str,
-) -> dict[str, Any]:
-    """Dotted params.yaml keys set by the pipeline's parameters; ``overrides_json`` wins over them."""
-    keys: dict[str, Any] = {
-        "data.source": data_source,
-        "train.recipe": recipe,
-        "register.candidate": register_candidate,
-        "register.min_improvement": float(register_min_improvement),
-    }
-    if mlflow_tracking_uri:
-        keys["mlflow.tracking_uri"] = mlflow_tracking_uri
+def pipeline_overrides(overrides_json: str, keys: dict[str, Any]) -> dict[str, Any]:
+    """Dotted params.yaml keys set by pipeline parameters (``data.source=...``); ``overrides_json`` wins."""
     try:
         extra = json.loads(overrides_json or "{}")
     except json.JSONDecodeError as err:
@@ -146,6 +131,7 @@ def report_step(params: Path, runs_dir: Path, out_dir: Path) -> str:
 
 
 def register_step(params: Path, runs_dir: Path, pipeline_run_id: str, out: Path) -> dict[str, Any]:
+    """``params`` already carries the gate (register.candidate, register.min_improvement)."""
     argv = ["register", "--runs", str(runs_dir), "--params", str(params), "--out", str(out)]
     call_cli([*argv, "--pipeline-run-id", pipeline_run_id])
     return json.loads(out.read_text(encoding="utf-8"))

@@ -45,12 +45,13 @@ def test_dag_shape(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     assert spec["pipelineInfo"]["name"] == "atmask-ablation"
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"ingest-op", "for-loop-1", "report-op", "register-op"}
+    assert set(root) == {"config-op", "ingest-op", "for-loop-1", "report-op", "register-op"}
     assert root["for-loop-1"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ablations"
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert set(loop) == {"train-op", "evaluate-op"}
     assert loop["evaluate-op"]["dependentTasks"] == ["train-op"]
-    assert set(root["register-op"]["dependentTasks"]) == {"ingest-op", "for-loop-1", "report-op"}
+    assert set(root["register-op"]["dependentTasks"]) == {"config-op", "for-loop-1", "report-op"}
+    assert set(root["for-loop-1"]["dependentTasks"]) == {"config-op", "ingest-op"}
     # report and register receive the collected (fanned-in) evaluated runs as a list of Models
     runs = spec["components"]["comp-report-op"]["inputDefinitions"]["artifacts"]["runs"]
     assert runs == {
@@ -123,7 +124,7 @@ def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, 
             "backoffMaxDuration": "3600s",
             "maxRetryCount": 3,
         }
-    for name in ("exec-ingest-op", "exec-report-op", "exec-register-op"):
+    for name in ("exec-config-op", "exec-ingest-op", "exec-report-op", "exec-register-op"):
         assert "accelerator" not in executors[name]["container"]["resources"]
 
 
@@ -140,13 +141,16 @@ def test_secrets_are_env_from_secret_refs(compiled: tuple[dict, dict]) -> None:
         assert set(refs) == secrets
         for ref in refs.values():
             assert {e["envVar"] for e in ref["keyToEnv"]} <= set(pl.S3_KEYS + pl.MLFLOW_KEYS)
-    assert "secretAsEnv" not in platform.get("exec-report-op", {})
+    for name in ("exec-config-op", "exec-report-op"):
+        assert "secretAsEnv" not in platform.get(name, {})
 
 
 def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
-    assert set(executors) == {f"exec-{n}-op" for n in ("ingest", "train", "evaluate", "report", "register")}
+    assert set(executors) == {
+        f"exec-{n}-op" for n in ("config", "ingest", "train", "evaluate", "report", "register")
+    }
     for executor in executors.values():
         command = " ".join(executor["container"]["command"])
         assert "pip install" not in command and "pip3" not in command
@@ -159,11 +163,25 @@ def test_caching_off_only_for_register(compiled: tuple[dict, dict]) -> None:
     root = spec["root"]["dag"]["tasks"]
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert root["register-op"]["cachingOptions"] == {}
-    for task in (root["ingest-op"], root["report-op"], loop["train-op"], loop["evaluate-op"]):
+    for task in (
+        root["config-op"],
+        root["ingest-op"],
+        root["report-op"],
+        loop["train-op"],
+        loop["evaluate-op"],
+    ):
         assert task["cachingOptions"] == {"enableCache": True}
-    # the parameters a cache key must see reach the tasks as inputs
-    ingest_inputs = set(root["ingest-op"]["inputs"]["parameters"])
-    assert {"params_json", "overrides", "data_source", "recipe", "register_min_improvement"} <= ingest_inputs
+    # a cache key sees exactly what a task depends on: the dataset does not depend on the recipe or the
+    # registry gate (changing them reuses the ingested data), the params file does depend on the recipe
+    assert set(root["ingest-op"]["inputs"]["parameters"]) == {"params_json", "overrides", "data_source"}
+    assert set(root["config-op"]["inputs"]["parameters"]) == {
+        "params_json",
+        "overrides",
+        "data_source",
+        "recipe",
+    }
+    register_inputs = set(root["register-op"]["inputs"]["parameters"])
+    assert {"register_candidate", "register_min_improvement", "mlflow_tracking_uri"} <= register_inputs
 
 
 # ------------------------------------------------------------------ runtime helpers
@@ -172,7 +190,8 @@ def test_caching_off_only_for_register(compiled: tuple[dict, dict]) -> None:
 def test_write_params_applies_overrides_and_validates(tmp_path: Path, repo_root: Path) -> None:
     raw = json.dumps(yaml.safe_load((repo_root / "params.yaml").read_text()))
     keys = runtime.pipeline_overrides(
-        "s3://b/p", "cpu_demo", "", "atmask", 0.5, '{"recipes.cpu_demo.iterations": 7}'
+        '{"recipes.cpu_demo.iterations": 7}',
+        {"data.source": "s3://b/p", "register.candidate": "atmask", "register.min_improvement": 0.5},
     )
     path = runtime.write_params(raw, keys, tmp_path)
     from components.params import load_params
@@ -188,7 +207,7 @@ def test_write_params_applies_overrides_and_validates(tmp_path: Path, repo_root:
     with pytest.raises(UserError, match=r"recipes.cpu_demo.itrations: unknown key"):
         runtime.write_params(raw, {"recipes.cpu_demo.itrations": 7}, tmp_path / "bad")
     with pytest.raises(UserError, match="overrides: not valid JSON"):
-        runtime.pipeline_overrides("synthetic", "cpu_demo", "", "best", 0.0, "{nope")
+        runtime.pipeline_overrides("{nope", {})
 
 
 def test_parse_params_checks_names_and_types() -> None:
@@ -290,7 +309,7 @@ def test_run_local_executes_whole_dag(
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
     versions = client.search_model_versions("name = 'atmask-rcnn'")
-    assert [v.version for v in versions] == ["1"]
-    assert client.get_model_version_by_alias("atmask-rcnn", decision["decision"]).version == "1"
+    assert [str(v.version) for v in versions] == ["1"]
+    assert str(client.get_model_version_by_alias("atmask-rcnn", decision["decision"]).version) == "1"
     summary = json.loads((work / "summary.json").read_text())
     assert set(summary["runs"]) == {"baseline", "atmask"}
