@@ -252,6 +252,69 @@ def refusing_host() -> Iterator[str]:
     server.shutdown()
 
 
+class _FakeKfp(http.server.BaseHTTPRequestHandler):
+    """The few KFP v2beta1 endpoints kfp.Client uses to start a run; records what it receives."""
+
+    requests: ClassVar[list[tuple[str, str, str | None, dict]]] = []
+
+    def _reply(self, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        _FakeKfp.requests.append(("GET", self.path, self.headers.get("Authorization"), {}))
+        self._reply({"multi_user": False} if "healthz" in self.path else {})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _FakeKfp.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
+        ids = {
+            "/apis/v2beta1/experiments": {"experiment_id": "exp-1"},
+            "/apis/v2beta1/runs": {"run_id": "run-1"},
+        }
+        self._reply({**ids[self.path], "display_name": body["display_name"]})
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_kfp() -> Iterator[str]:
+    _FakeKfp.requests.clear()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfp)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_submit_starts_a_run_with_the_compiled_spec(
+    fake_kfp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KF_PIPELINES_TOKEN", "tok-123")
+    argv = ["pipeline", "submit", "--host", fake_kfp, "--experiment", "ablations-x", "--run-name", "r"]
+    argv += ["--param", "ablations=baseline,atmask", "--param", "register_min_improvement=0.01"]
+    assert atmask(argv) == 0
+    out = capsys.readouterr().out
+    assert "submitted run run-1 (r) in experiment 'ablations-x'" in out
+    posts = {path: body for method, path, _, body in _FakeKfp.requests if method == "POST"}
+    assert posts["/apis/v2beta1/experiments"]["display_name"] == "ablations-x"
+    run = posts["/apis/v2beta1/runs"]
+    assert (run["experiment_id"], run["display_name"]) == ("exp-1", "r")
+    assert run["runtime_config"]["parameters"] == {
+        "ablations": ["baseline", "atmask"],
+        "register_min_improvement": 0.01,
+    }
+    spec, platform = yaml.safe_load_all(COMPILED.read_text())
+    assert run["pipeline_spec"] == {
+        "pipeline_spec": spec,
+        "platform_spec": platform,
+    }  # GPU/secrets config too
+    assert {auth for _, _, auth, _ in _FakeKfp.requests} == {"Bearer tok-123"}
+
+
 def test_submit_unreachable_host_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
     start = time.monotonic()
     assert atmask(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 1
