@@ -216,6 +216,7 @@ def local_arguments(params_path: Path, workdir: Path, ablations: list[str], tiny
         "ablations": ablations,
         "mlflow_tracking_uri": f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
         "overrides": json.dumps(LOCAL_OVERRIDES if tiny else {}),
+        "checkpoint_root": str(workdir / "checkpoints"),  # stands in for the runs PVC
     }
 
 
@@ -229,6 +230,7 @@ def run_local(args: argparse.Namespace) -> int:
     arguments = local_arguments(args.params, workdir, ablations, not args.full_size)
     root = workdir / "pipeline_root"
     root.mkdir(parents=True, exist_ok=True)
+    (workdir / "checkpoints").mkdir(exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     func = pl.build_pipeline(pl.compiled_image() or pl.DEFAULT_IMAGE, args.params)
     before = set(root.iterdir())

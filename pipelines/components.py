@@ -52,16 +52,21 @@ def train_op(
     data: Input[Dataset],
     ablation: str,
     mlflow_tracking_uri: str,
+    checkpoint_root: str,
     model: Output[Model],
 ) -> None:
-    """Train one ablation; the Model artifact is the run folder (model.pt, train_log.json, mlflow_run.json)."""
+    """Train one ablation; the Model artifact is the run folder (model.pt, train_log.json, mlflow_run.json).
+
+    With ``checkpoint_root`` on a volume (the atmask-runs PVC), a retry after preemption resumes.
+    """
     from pathlib import Path
 
     from pipelines import runtime
 
     runtime.use_tracking_uri(mlflow_tracking_uri)
     params = Path(params_file.path) / runtime.PARAMS_FILE
-    runtime.train_step(params, ablation, Path(data.path), Path(model.path))
+    work = runtime.checkpoint_dir(checkpoint_root, params, ablation, data.metadata.get("checksum", ""))
+    runtime.train_step(params, ablation, Path(data.path), Path(model.path), work)
     model.metadata["ablation"] = ablation
     model.metadata["framework"] = "pytorch"
 

@@ -30,6 +30,8 @@ S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")
 MLFLOW_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_NODE_LABEL = ("nvidia.com/gpu.present", "true")  # set by NVIDIA GPU feature discovery
+RUNS_PVC = "atmask-runs"  # k8s/base/storage.yaml; training checkpoints survive a preempted pod there
+RUNS_MOUNT = "/mnt/atmask-runs"
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def pipeline_defaults(params_path: str | Path = "params.yaml") -> dict[str, Any]
         "register_candidate": params.register.candidate,
         "register_min_improvement": float(params.register.min_improvement),
         "overrides": "{}",
+        "checkpoint_root": f"{RUNS_MOUNT}/checkpoints",
     }
 
 
@@ -107,6 +110,7 @@ def build_pipeline(
         register_candidate: str = d["register_candidate"],
         register_min_improvement: float = d["register_min_improvement"],
         overrides: str = d["overrides"],
+        checkpoint_root: str = d["checkpoint_root"],
     ) -> None:
         config = ops["config"](
             params_json=params_json, overrides=overrides, data_source=data_source, recipe=recipe
@@ -117,9 +121,14 @@ def build_pipeline(
         params_file, data = config.outputs["params_file"], ingest.outputs["data"]
         with dsl.ParallelFor(items=ablations) as ablation:
             train = ops["train"](
-                params_file=params_file, data=data, ablation=ablation, mlflow_tracking_uri=mlflow_tracking_uri
+                params_file=params_file,
+                data=data,
+                ablation=ablation,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                checkpoint_root=checkpoint_root,
             ).set_display_name("train")
             on_gpu_node(use_secrets(train), res)
+            kubernetes.mount_pvc(train, pvc_name=RUNS_PVC, mount_path=RUNS_MOUNT)
             evaluate = ops["evaluate"](
                 params_file=params_file,
                 data=data,

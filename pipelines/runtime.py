@@ -7,6 +7,7 @@ Every step goes through ``components.cli.main`` so the pipeline, DVC and users s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -79,7 +80,33 @@ def gpu_count() -> int:
         return 0
 
 
-def train_step(params: Path, ablation: str, data_dir: Path, out_dir: Path) -> None:
+def train_step(
+    params: Path, ablation: str, data_dir: Path, out_dir: Path, work_dir: Path | None = None
+) -> None:
+    """Train into ``work_dir`` (a volume that outlives the pod, so a retried task resumes from its last
+    checkpoint) and copy the run without checkpoints to ``out_dir``; train in ``out_dir`` without one."""
+    target = work_dir or out_dir
+    _train(params, ablation, data_dir, target)
+    if work_dir is not None:
+        shutil.copytree(work_dir, out_dir, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
+
+
+def checkpoint_dir(checkpoint_root: str, params: Path, ablation: str, data_checksum: str) -> Path | None:
+    """Where a training task keeps its run: keyed by its inputs (not the pipeline run id, which would defeat
+    caching), so a retried pod resumes and a rerun with identical inputs finds the finished run."""
+    if not checkpoint_root:
+        return None
+    root = Path(checkpoint_root)
+    if not root.is_dir():
+        print(
+            f"atmask pipeline: {root} is not mounted; training without resumable checkpoints", file=sys.stderr
+        )
+        return None
+    key = hashlib.sha256(params.read_bytes() + f"\0{ablation}\0{data_checksum}".encode()).hexdigest()[:16]
+    return root / f"{ablation}-{key}"
+
+
+def _train(params: Path, ablation: str, data_dir: Path, out_dir: Path) -> None:
     """One process per GPU with torchrun when the pod has several; in-process otherwise."""
     argv = ["train", "--config", ablation, "--params", str(params), "--data", str(data_dir)]
     argv += ["--out", str(out_dir)]

@@ -77,6 +77,7 @@ def test_parameter_defaults_come_from_params_yaml(compiled: tuple[dict, dict], r
         "register_candidate": raw["register"]["candidate"],
         "register_min_improvement": raw["register"]["min_improvement"],
         "overrides": "{}",
+        "checkpoint_root": "/mnt/atmask-runs/checkpoints",
     }
 
 
@@ -126,6 +127,12 @@ def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, 
         }
     for name in ("exec-config-op", "exec-ingest-op", "exec-report-op", "exec-register-op"):
         assert "accelerator" not in executors[name]["container"]["resources"]
+    # training keeps its checkpoints on the runs PVC (k8s/base/storage.yaml), so a retry resumes
+    (mount,) = platform["exec-train-op"]["pvcMount"]
+    assert (mount["constant"], mount["mountPath"]) == ("atmask-runs", "/mnt/atmask-runs")
+    train_inputs = loop["train-op"]["inputs"]["parameters"]
+    assert train_inputs["checkpoint_root"] == {"componentInputParameter": "pipelinechannel--checkpoint_root"}
+    assert "PIPELINE_JOB_ID" not in json.dumps(train_inputs)  # a per-run value would defeat caching
 
 
 def test_secrets_are_env_from_secret_refs(compiled: tuple[dict, dict]) -> None:
@@ -208,6 +215,46 @@ def test_write_params_applies_overrides_and_validates(tmp_path: Path, repo_root:
         runtime.write_params(raw, {"recipes.cpu_demo.itrations": 7}, tmp_path / "bad")
     with pytest.raises(UserError, match="overrides: not valid JSON"):
         runtime.pipeline_overrides("{nope", {})
+
+
+def test_checkpoint_dir_is_keyed_by_inputs(tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("a: 1\n")
+    root = tmp_path / "ckpt"
+    assert runtime.checkpoint_dir("", params, "atmask", "c1") is None
+    assert runtime.checkpoint_dir(str(root), params, "atmask", "c1") is None  # volume not mounted
+    root.mkdir()
+    first = runtime.checkpoint_dir(str(root), params, "atmask", "c1")
+    assert first == runtime.checkpoint_dir(str(root), params, "atmask", "c1")
+    assert first.parent == root and first.name.startswith("atmask-")
+    others = {
+        runtime.checkpoint_dir(str(root), params, "baseline", "c1"),
+        runtime.checkpoint_dir(str(root), params, "atmask", "c2"),
+    }
+    params.write_text("a: 2\n")
+    others.add(runtime.checkpoint_dir(str(root), params, "atmask", "c1"))
+    assert len(others) == 3 and first not in others
+
+
+def test_train_step_with_work_dir_resumes_there_and_copies_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = []
+
+    def train(params: Path, ablation: str, data: Path, out: Path) -> None:
+        calls.append(out)
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / f"step{len(calls)}.pt").write_text("ckpt")
+        (out / "model.pt").write_text(f"model after attempt {len(calls)}")
+
+    monkeypatch.setattr(runtime, "_train", train)
+    work, out = tmp_path / "work", tmp_path / "out"
+    runtime.train_step(tmp_path / "p.yaml", "atmask", tmp_path / "data", out, work)
+    runtime.train_step(tmp_path / "p.yaml", "atmask", tmp_path / "data", out, work)  # the retried pod
+    assert calls == [work, work]
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["step1.pt", "step2.pt"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
+    assert (out / "model.pt").read_text() == "model after attempt 2"
 
 
 def test_parse_params_checks_names_and_types() -> None:
@@ -374,5 +421,7 @@ def test_run_local_executes_whole_dag(
     versions = client.search_model_versions("name = 'atmask-rcnn'")
     assert [str(v.version) for v in versions] == ["1"]
     assert str(client.get_model_version_by_alias("atmask-rcnn", decision["decision"]).version) == "1"
+    trained = sorted(p.name.split("-")[0] for p in (work / "checkpoints").iterdir())
+    assert trained == ["atmask", "baseline"]  # training ran in the resumable checkpoint folders
     summary = json.loads((work / "summary.json").read_text())
     assert set(summary["runs"]) == {"baseline", "atmask"}
