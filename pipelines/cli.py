@@ -11,6 +11,7 @@
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -232,12 +233,14 @@ def run_local(args: argparse.Namespace) -> int:
     root.mkdir(parents=True, exist_ok=True)
     (workdir / "checkpoints").mkdir(exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    func = pl.build_pipeline(pl.compiled_image() or pl.DEFAULT_IMAGE, args.params)
+    # no retries here: kfp.local honours the cluster's preemption back-off (minutes) even for a plain bug
+    func = pl.build_pipeline(pl.compiled_image() or pl.DEFAULT_IMAGE, args.params, pl.GpuResources(retries=0))
     before = set(root.iterdir())
     try:
         func(**arguments)
     except RuntimeError as err:
-        raise UserError(f"local pipeline run failed: {err}") from None
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # kfp.local colours its messages
+        raise UserError(f"local pipeline run failed ({message}); the task's log is above") from None
     created = sorted(set(root.iterdir()) - before, key=lambda p: p.stat().st_mtime)
     if not created:
         raise UserError(f"{root}: the local run wrote no outputs")

@@ -81,13 +81,14 @@ def on_gpu_node(task: dsl.PipelineTask, res: GpuResources) -> dsl.PipelineTask:
     kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=res.shm_size)
     kubernetes.add_node_selector(task, *GPU_NODE_LABEL)
     kubernetes.add_toleration(task, key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")
-    task.set_retry(res.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
+    if res.retries:
+        task.set_retry(res.retries, backoff_duration="60s", backoff_factor=2.0, backoff_max_duration="3600s")
     return task
 
 
-def on_cpu_node(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
+def on_cpu_node(task: dsl.PipelineTask, cpu: str, memory: str, retries: int = 2) -> dsl.PipelineTask:
     task.set_cpu_request(cpu).set_cpu_limit(cpu).set_memory_request(memory).set_memory_limit(memory)
-    return task.set_retry(2, backoff_duration="30s")
+    return task.set_retry(retries, backoff_duration="30s") if retries else task
 
 
 def build_pipeline(
@@ -115,9 +116,10 @@ def build_pipeline(
         config = ops["config"](
             params_json=params_json, overrides=overrides, data_source=data_source, recipe=recipe
         ).set_display_name("config")
-        on_cpu_node(config, "1", "1G")
+        cpu_retries = 2 if res.retries else 0
+        on_cpu_node(config, "1", "1G", cpu_retries)
         ingest = ops["ingest"](params_json=params_json, overrides=overrides, data_source=data_source)
-        on_cpu_node(use_secrets(ingest.set_display_name("ingest"), mlflow=False), "4", "16G")
+        on_cpu_node(use_secrets(ingest.set_display_name("ingest"), mlflow=False), "4", "16G", cpu_retries)
         params_file, data = config.outputs["params_file"], ingest.outputs["data"]
         with dsl.ParallelFor(items=ablations) as ablation:
             train = ops["train"](
@@ -139,7 +141,7 @@ def build_pipeline(
         report = ops["report"](
             params_file=params_file, runs=dsl.Collected(evaluate.outputs["evaluated"])
         ).set_display_name("report")
-        on_cpu_node(report, "1", "4G")
+        on_cpu_node(report, "1", "4G", cpu_retries)
         register = ops["register"](
             params_file=params_file,
             runs=dsl.Collected(evaluate.outputs["evaluated"]),
@@ -150,7 +152,7 @@ def build_pipeline(
         ).set_display_name("register")
         # The gate compares with the registry's current champion, which changes outside this pipeline.
         register.after(report).set_caching_options(False)
-        on_cpu_node(use_secrets(register), "2", "8G")
+        on_cpu_node(use_secrets(register), "2", "8G", cpu_retries)
 
     return atmask_ablation
 

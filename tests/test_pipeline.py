@@ -425,3 +425,26 @@ def test_run_local_executes_whole_dag(
     assert trained == ["atmask", "baseline"]  # training ran in the resumable checkpoint folders
     summary = json.loads((work / "summary.json").read_text())
     assert set(summary["runs"]) == {"baseline", "atmask"}
+
+
+def test_run_local_failure_is_one_line_without_retries(
+    tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["data"]["source"] = str(tmp_path / "no-such-dataset")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    start = time.monotonic()
+    argv = [
+        "pipeline",
+        "run-local",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--params",
+        str(tmp_path / "params.yaml"),
+    ]
+    assert atmask(argv) == 1
+    assert time.monotonic() - start < 60  # the cluster's retry back-off (minutes) is not used locally
+    last = capsys.readouterr().err.strip().splitlines()[-1].strip()
+    assert last.startswith("atmask pipeline: error: local pipeline run failed (Pipeline 'atmask-ablation'")
+    assert "'ingest-op'" in last and "\x1b" not in last
+    assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "summary.json").exists()
