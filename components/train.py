@@ -267,6 +267,9 @@ def make_loader(
         collate_fn=collate,
         pin_memory=info.device.type == "cuda",
         persistent_workers=tp.workers > 0,
+        # Its own generator: drawing the workers' base seed must not advance the global RNG that the
+        # model's RoI sampling uses (a resumed run would diverge from an uninterrupted one).
+        generator=torch.Generator().manual_seed(tp.seed),
     )
 
 
@@ -446,7 +449,7 @@ def step(
     finite = bool(torch.isfinite(loss).item())  # the one host sync per step: skip/stop needs it now
     if dist_utils.any_rank(not finite, info):
         loop.optimizer.zero_grad(set_to_none=True)
-        values = {k: float(v) for k, v in losses.items()} | {"loss": float(loss)}
+        values = {k: float(v.detach()) for k, v in losses.items()} | {"loss": float(loss.detach())}
         if tp.on_nonfinite == "stop":
             raise UserError(
                 f"non-finite loss at iteration {iteration} ({_fmt(values)}); lower the lr, set "
