@@ -28,6 +28,7 @@ import platform
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -518,7 +519,7 @@ def train_iterations(
     try:
         while loop.iteration < tp.iterations:
             t0 = time.perf_counter()
-            images, targets = next(batches)
+            images, targets = _next_batch(batches, stop, loop, info, out_dir, tp)
             images, targets = to_device(images, targets, info.device)
             window.data_seconds += time.perf_counter() - t0
             losses = step(loop, images, targets, tp, info, dtype)
@@ -539,6 +540,17 @@ def train_iterations(
     finally:
         if bar is not None:
             bar.close()
+
+
+def _next_batch(batches: Iterator[Any], stop: SignalFlag, loop: Loop, info, out_dir: Path, tp: TrainParams):
+    try:
+        return next(batches)
+    except RuntimeError:
+        if not stop.raised:
+            raise
+        # SIGTERM sent to the whole process group also ended the loader's workers: save and stop.
+        loop.checkpoint = save_checkpoint(loop, info, out_dir, tp.keep_checkpoints) or loop.checkpoint
+        raise Preempted(loop.iteration, loop.checkpoint) from None
 
 
 def emit(loop: Loop, window: Window, info, tracker: RunTracker | None, bar, tp: TrainParams) -> None:
@@ -620,6 +632,8 @@ def train(
     """
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     tp = _effective_recipe(params.train, iterations, deterministic)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to this process; use --device cpu or auto")
     info = dist_utils.init_distributed(device)
     try:
         return _train(params, ablation, data_dir, out_dir, tp, info, resume)

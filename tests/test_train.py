@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -275,3 +276,23 @@ def test_global_batch_not_divisible_by_processes_is_a_user_error(tiny_coco: Path
     params = load_params(write_params(tmp_path / "params.yaml", batch_size=3))
     with pytest.raises(UserError, match=r"batch_size 3 \(the global batch\) is not divisible by 2 processes"):
         train_mod._train(params, "baseline", tiny_coco, tmp_path / "run", params.train, DistInfo(0, 2), True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_amp_steps_for_atmask_at_r50_fpn(tiny_coco: Path, tmp_path: Path, local_tracking: str) -> None:
+    """A few mixed-precision steps of ATMask at the paper's R50-FPN settings (random init, 800 px)."""
+    import yaml
+
+    raw = yaml.safe_load(write_params(tmp_path / "p.yaml", iterations=3, amp="auto").read_text())
+    raw["model"].update(
+        backbone="resnet50", fpn_channels=256, mask_head_channels=256, box_head_dim=1024, min_size=800,
+        max_size=1333, anchor_sizes=[32, 64, 128, 256, 512], rpn_post_nms_top_n_train=2000,
+        box_batch_size_per_image=512,
+    )  # fmt: skip
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    summary = train(load_params(tmp_path / "p.yaml"), "atmask", tiny_coco, tmp_path / "run", device="cuda")
+    expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    assert summary["amp"] == expected and summary["iterations"] == 3 and summary["skipped_nonfinite"] == 0
+    assert all(math.isfinite(r["loss"]) for r in _log(tmp_path / "run")["log"])
+    model, cfg, _ = ckpt.load_trained_model(tmp_path / "run")
+    assert cfg.backbone == "resnet50" and all(torch.isfinite(p).all() for p in model.parameters())
