@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine (Python 3.11 or 3.12):
+#   make demo   create .venv, install, run the whole experiment with `dvc repro` on the embedded default
+#   make test   create .venv, install (plus the validation tools), run the test suite
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format tools lock clean-venv
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# DVC stages call `atmask`, so the venv's bin goes first on PATH.
+demo: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	@cat reports/ablations.md
+	@echo
+	@echo "Report: reports/ablations.md (and .csv); metrics: runs/<ablation>/metrics.json"
+	@echo "Compare the runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db"
+
+tools: $(STAMP)
+	bash .ci/tools.sh
+
+test: $(STAMP) tools
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Re-pin constraints.txt after a change to pyproject.toml (resolves from scratch in a throwaway venv).
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet -e '.[dev]'
+	{ sed -n '1,/^# Regenerate/p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^atmask'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf .lock-venv
+
+clean-venv:
+	rm -rf $(VENV)
