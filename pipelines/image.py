@@ -32,10 +32,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--pipeline", type=Path, help="compiled pipeline to update (default: the committed one)"
         )
         p.add_argument("--params", type=Path, default=Path("params.yaml"), help="pipeline parameter defaults")
+        p.add_argument(
+            "--gpus", type=int, default=1, help="GPUs per training pod when recompiling (default 1)"
+        )
         p.add_argument("--no-compile", action="store_true", help="leave the compiled pipeline as it is")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gpus < 1:
+        raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
     ref = image_ref(args.repository, args.tag or git_tag(REPO_ROOT))
     client = docker_client()
     if args.action == "build":
@@ -44,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         final = push(client, ref)
     if not args.no_compile:
-        out = use_image(final, args.pipeline, args.params)
+        out = use_image(final, args.pipeline, args.params, args.gpus)
         print(f"{out}: components now run in {final}")
     if "@" in final:
         for overlay in pin_overlays(final, REPO_ROOT / "k8s" / "overlays"):
@@ -125,21 +130,25 @@ def pushed_digest(ref: str, events: list[dict[str, Any]]) -> str:
     return f"{ref.rsplit(':', 1)[0]}@{digests[-1]}"
 
 
-def use_image(ref: str, pipeline: Path | None = None, params: Path = Path("params.yaml")) -> Path:
+def use_image(
+    ref: str, pipeline: Path | None = None, params: Path = Path("params.yaml"), gpus: int = 1
+) -> Path:
     from pipelines import pipeline as pl
 
-    return pl.compile_pipeline(pipeline or pl.COMPILED, ref, params)
+    return pl.compile_pipeline(pipeline or pl.COMPILED, ref, params, pl.GpuResources(gpus=gpus))
 
 
 _IMAGES_BLOCK = re.compile(r"^images:\n(?:[ -].*\n)*", re.MULTILINE)
 
 
 def pin_overlays(pinned: str, overlays: Path) -> list[Path]:
-    """Point every overlay's ``images:`` entry at ``repository@sha256:...`` (comments elsewhere kept)."""
+    """Point the ``images:`` entry of every kustomization under ``overlays`` (at any depth: the
+    infrastructure overlays and their ``training/`` overlays) at ``repository@sha256:...`` (comments
+    elsewhere kept)."""
     repository, digest = pinned.split("@", 1)
     block = f"images:\n  - name: {DEFAULT_REPOSITORY}\n    newName: {repository}\n    digest: {digest}\n"
     changed = []
-    for path in sorted(overlays.glob("*/kustomization.yaml")):
+    for path in sorted(overlays.rglob("kustomization.yaml")):
         text = path.read_text(encoding="utf-8")
         new, count = _IMAGES_BLOCK.subn(block, text, count=1)
         if count != 1:

@@ -167,19 +167,22 @@ def test_use_image_rewrites_every_component(tmp_path: Path) -> None:
 
 def test_push_pins_overlays_to_the_pushed_digest(tmp_path: Path) -> None:
     shutil.copytree(ROOT / "k8s", tmp_path / "k8s")
+    overlays = tmp_path / "k8s" / "overlays"
     pinned = "registry.example.com/team/atmask@sha256:" + "d" * 64
-    changed = image.pin_overlays(pinned, tmp_path / "k8s" / "overlays")
-    assert [p.parent.name for p in changed] == ["dev", "prod"]
+    changed = image.pin_overlays(pinned, overlays)
+    targets = ["dev", "dev/training", "prod", "prod/training"]  # infrastructure and training, at any depth
+    assert [p.parent.relative_to(overlays).as_posix() for p in changed] == targets
     kubectl = tool(".tools/kubectl/bin/kubectl", "kubectl")
-    for overlay in ("dev", "prod"):
-        text = (tmp_path / "k8s" / "overlays" / overlay / "kustomization.yaml").read_text()
+    for target in targets:
+        text = (overlays / target / "kustomization.yaml").read_text()
         assert text.startswith("# ") and "patches:" in text  # the rest of the file is kept
         out = subprocess.run(
-            [kubectl, "kustomize", str(tmp_path / "k8s" / "overlays" / overlay)],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
+            [kubectl, "kustomize", str(overlays / target)], capture_output=True, text=True, check=True
+        ).stdout
+        kinds = set(re.findall(r"^kind: (\S+)", out, re.MULTILINE))
+        assert ("PyTorchJob" in kinds) == target.endswith("/training"), kinds
         images = set(re.findall(r"image: (\S+)", out))
-        assert images == {pinned}
-    (tmp_path / "k8s" / "overlays" / "dev" / "kustomization.yaml").write_text("resources: [../../base]\n")
-    with pytest.raises(UserError, match="no top-level 'images:' list"):
-        image.pin_overlays(pinned, tmp_path / "k8s" / "overlays")
+        assert images == {pinned}, target
+    (overlays / "prod" / "training" / "kustomization.yaml").write_text("resources: [../../../training]\n")
+    with pytest.raises(UserError, match=r"prod/training/kustomization\.yaml: no top-level 'images:' list"):
+        image.pin_overlays(pinned, overlays)
