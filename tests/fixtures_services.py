@@ -27,6 +27,11 @@ S3_CREDENTIALS = {
 }
 
 
+# MLflow 3's server also starts job-queue workers (several processes) that the tests never use: off, so
+# they do not take CPU from the tests on a 2-core machine.
+MLFLOW_SERVER_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -92,7 +97,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "1",
     ]
     uri = f"http://127.0.0.1:{port}"
-    with _serve(cmd, f"{uri}/health", root / "server.log", dict(os.environ)):
+    env = {**os.environ, **MLFLOW_SERVER_ENV}
+    with _serve(cmd, f"{uri}/health", root / "server.log", env):
         yield uri
 
 
