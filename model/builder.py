@@ -67,6 +67,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         max_size=cfg.max_size,
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(channels, len(ASPECT_RATIOS)),
+        rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
+        rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
         box_head=TwoMLPHead(channels * 7 * 7, cfg.box_head_dim),

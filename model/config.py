@@ -98,6 +98,8 @@ class ModelConfig:
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.05
+    rpn_pre_nms_top_n_train: int = 2000  # per FPN level, as torchvision and Detectron2
+    rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_test: int = 1000
     box_batch_size_per_image: int = 512
@@ -125,6 +127,8 @@ class ModelConfig:
             "min_size",
             "max_size",
             "box_detections_per_img",
+            "rpn_pre_nms_top_n_train",
+            "rpn_pre_nms_top_n_test",
             "rpn_post_nms_top_n_train",
             "rpn_post_nms_top_n_test",
             "box_batch_size_per_image",

@@ -33,11 +33,11 @@ def _border_target(mask: Tensor) -> Tensor:
     dilated, eroded = fg, fg
     closeness = torch.zeros_like(fg)
     for step in range(BORDER_WIDTH + 1):
-        ring = dilated - eroded  # pixels within `step` of the boundary, on either side
-        weight = 1.0 - step / (BORDER_WIDTH + 1)
-        closeness = torch.maximum(closeness, ring * weight)
         dilated = F.max_pool2d(dilated, 3, stride=1, padding=1)
         eroded = -F.max_pool2d(-eroded, 3, stride=1, padding=1)
+        ring = dilated - eroded  # pixels within `step + 1` of the boundary, on either side
+        weight = 1.0 - step / (BORDER_WIDTH + 1)
+        closeness = torch.maximum(closeness, ring * weight)
     return (BORDER_LOW + (BORDER_HIGH - BORDER_LOW) * closeness)[:, 0]
 
 

@@ -185,6 +185,21 @@ def test_ablation_table_matches_the_paper():
     assert rows["baseline"][0] is False
 
 
+def test_border_threshold_target_peaks_on_the_boundary_and_decays():
+    from model.losses import BORDER_HIGH, BORDER_LOW, threshold_target
+
+    mask = torch.zeros(1, 28, 28)
+    mask[:, 8:20, 8:20] = 1.0  # boundary between columns 7|8 and 19|20
+    target = threshold_target(mask, "border")[0]
+    row = target[14]
+    assert row[7].item() == pytest.approx(BORDER_HIGH) and row[8].item() == pytest.approx(BORDER_HIGH)
+    assert row[6] < row[7] and row[9] < row[8]  # decays away from the boundary, on both sides
+    assert row[0].item() == pytest.approx(BORDER_LOW) and row[14].item() == pytest.approx(BORDER_LOW)
+    assert target.min().item() == pytest.approx(BORDER_LOW) and target.max().item() == pytest.approx(
+        BORDER_HIGH
+    )
+
+
 def test_border_threshold_target_trains():
     model = build_model(tiny("atmask", head={"threshold_target": "border"})).train()
     image, target, _ = ellipse_sample()
