@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from components.errors import UserError
+
 # Set in the re-executed children so that they do not re-launch themselves.
 _LAUNCHED_ENV = "ATMASK_DISTRIBUTED_LAUNCHED"
 
@@ -40,6 +42,17 @@ class DistInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the current GPU when CUDA is available, else the CPU; ``cuda`` without a GPU is a UserError."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {name}: choose one of auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible to this process; use --device cpu or auto")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -124,11 +137,18 @@ def relaunch(nproc_per_node: int, nnodes: int, argv: Sequence[str], rdzv_endpoin
         return int(exit_.code or 0)
     except Exception as err:  # ChildFailedError: the children printed their own messages
         print(f"atmask: distributed launch failed: {type(err).__name__}", file=sys.stderr)
-        return 1
+        return _child_exit_status(err)
     finally:
         if previous is None:
             os.environ.pop(_LAUNCHED_ENV, None)
     return 0
+
+
+def _child_exit_status(err: Exception) -> int:
+    """The failed children's exit status (143 stays 143: a preempted run must read as retryable)."""
+    codes = [getattr(f, "exitcode", 1) for f in getattr(err, "failures", {}).values()]
+    code = next((c for c in codes if c), 1)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
 
 
 def launched_by_us() -> bool:

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import requests
 import torch
 from PIL import Image
 from pycocotools import mask as mask_util
@@ -41,20 +40,17 @@ from tqdm import tqdm
 from components import plots
 from components.checkpoint import MODEL_FILE, load_trained_model, sha256_file
 from components.coco_eval import IOU_TYPES, STAT_NAMES, EvalResult, check_results_match, evaluate_coco
+from components.distributed import resolve_device
 from components.errors import UserError
 from components.io import write_json_atomic
 from components.params import Params, load_params
+from components.run_layout import INFO_FILE, METRICS_FILE
+from components.tracking import check_reachable, mlflow_key, read_mlflow_run, tracking_uri
+from model.binarize import differentiable_binarization
 from model.config import ModelConfig
 from model.inference import predict_with_maps
 
 SAMPLE_SCORE_THRESHOLD = 0.5  # detections drawn in pictures
-METRICS_FILE = "metrics.json"
-INFO_FILE = "eval_info.json"
-
-
-def mlflow_key(key: str) -> str:
-    """metrics.json key -> MLflow metric name: '/' becomes '_' (``segm/AP`` -> ``segm_AP``)."""
-    return key.replace("/", "_")
 
 
 def sweep_key(threshold: float | str) -> str:
@@ -187,7 +183,12 @@ def sample_ids(gt: dict[str, Any], count: int) -> list[int]:
 
 
 def run_inference(
-    model: torch.nn.Module, cfg: ModelConfig, cats: list[dict[str, Any]], split: Split, params: Params
+    model: torch.nn.Module,
+    cfg: ModelConfig,
+    cats: list[dict[str, Any]],
+    split: Split,
+    params: Params,
+    device: torch.device | None = None,
 ) -> Inference:
     ev = params.evaluate
     label_to_cat = [c["id"] for c in cats]
@@ -196,10 +197,21 @@ def run_inference(
     start = time.perf_counter()
     total = -(-len(split.gt["images"]) // ev.batch_size)
     for batch in tqdm(
-        batches(split, ev.batch_size), total=total, desc="evaluate", unit="batch", file=sys.stderr
+        batches(split, ev.batch_size),
+        total=total,
+        desc="evaluate",
+        unit="batch",
+        file=sys.stderr,
+        disable=None,  # no bar when stderr is not a terminal (DVC, KFP and CI logs)
     ):
-        outputs = predict_with_maps(model, [img for _, img in batch])
+        outputs = predict_with_maps(model, [img.to(device or "cpu", non_blocking=True) for _, img in batch])
         for (im, img), out in zip(batch, outputs, strict=True):
+            out = {
+                **out,
+                "boxes": out["boxes"].cpu(),
+                "labels": out["labels"].cpu(),
+                "scores": out["scores"].cpu(),
+            }
             for name, binary in binarizations(out, ev.fixed_thresholds, cfg.is_atmask).items():
                 inf.results.setdefault(name, []).extend(
                     to_results(im["id"], out, label_to_cat, encode_masks(binary))
@@ -271,7 +283,7 @@ def write_maps(path: Path, image: np.ndarray, sample: dict[str, Any], k: float, 
     the baseline model's masks (score >= 0.5) on the same image when a baseline run is at hand."""
     top = int(torch.argmax(sample["scores"]))
     prob, thr = sample["prob_masks"][top, 0], sample["thr_masks"][top, 0]
-    b = torch.sigmoid(k * (prob - thr))
+    b = differentiable_binarization(prob, thr, k)
     panels = [
         ("P (probability)", prob.numpy(), True),
         ("T (threshold)", thr.numpy(), True),
@@ -295,40 +307,6 @@ def write_plots(out_dir: Path, metrics: dict[str, float], results: dict[str, Eva
 
 
 # ------------------------------------------------------------------ MLflow
-
-
-def tracking_uri(params: Params | None) -> str:
-    """``$MLFLOW_TRACKING_URI``, else params ``mlflow.tracking_uri``, else ``sqlite:///mlflow.db``."""
-    return (
-        os.environ.get("MLFLOW_TRACKING_URI")
-        or (params and params.mlflow.tracking_uri)
-        or "sqlite:///mlflow.db"
-    )
-
-
-def check_reachable(uri: str, what: str = "MLflow tracking server") -> None:
-    """Fail fast with one clear message when an http(s) tracking/registry server does not answer."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    try:
-        requests.get(f"{uri.rstrip('/')}/health", timeout=5)
-    except requests.RequestException as err:
-        raise UserError(
-            f"{what} at {uri} is unreachable ({type(err).__name__}); start it or set MLFLOW_TRACKING_URI"
-        ) from None
-
-
-def read_mlflow_run(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "mlflow_run.json"
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}: not valid JSON ({err}); re-run 'atmask train' to rewrite it") from None
-    if not isinstance(record, dict) or not record.get("run_id"):
-        raise UserError(f"{path}: has no 'run_id'; re-run 'atmask train' to rewrite it")
-    return record
 
 
 def log_to_mlflow(
@@ -375,21 +353,29 @@ def ablation_tags(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def evaluate(
-    params: Params, run_dir: str | Path, data_dir: str | Path, split: str | None = None
+    params: Params,
+    run_dir: str | Path,
+    data_dir: str | Path,
+    split: str | None = None,
+    device: str = "auto",
 ) -> dict[str, float]:
-    """Evaluate ``run_dir/model.pt`` on ``data_dir``'s ``split``; write and log everything; return metrics."""
+    """Evaluate ``run_dir/model.pt`` on ``data_dir``'s ``split``; write and log everything; return metrics.
+
+    ``device``: ``auto`` (the GPU when there is one), ``cpu`` or ``cuda``.
+    """
     run_dir, data_dir = Path(run_dir), Path(data_dir)
+    dev = resolve_device(device)
     split = split or params.evaluate.split
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: run folder not found; pass --run runs/<name> of a trained run")
     model_path = run_dir / MODEL_FILE
-    model, cfg, cats = load_trained_model(model_path)
+    model, cfg, cats = load_trained_model(model_path, dev)
     data = load_split(data_dir, split)
     check_categories(cats, data.gt, model_path, data.annotations)
     record = read_mlflow_run(run_dir)
     if record is not None:
         check_reachable(record.get("tracking_uri") or tracking_uri(params))
-    inf = run_inference(model, cfg, cats, data, params)
+    inf = run_inference(model, cfg, cats, data, params, dev)
     check_results_match(data.gt, inf.results.get("final", []), str(data.annotations))
     metrics, results = compute_metrics(data, inf, params, cfg.is_atmask)
     info = eval_info(cfg, data, split, params, model_path, inf)
@@ -454,11 +440,18 @@ def staging(run_dir: Path) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+SHARED_DIRS = ("plots",)  # training writes plots/loss.csv there too: merge, never replace
+
+
 def publish(stage: Path, run_dir: Path) -> None:
-    """Move the staged outputs into the run folder (files by rename; folders replace the old ones)."""
+    """Move the staged outputs into the run folder: files by rename; folders replace the old ones, except
+    the shared ``plots/``, where only the files evaluation wrote are replaced."""
     for item in sorted(stage.iterdir()):
         target = run_dir / item.name
-        if item.is_dir() and target.exists():
+        if item.is_dir() and item.name in SHARED_DIRS:
+            target.mkdir(exist_ok=True)
+            publish(item, target)
+        elif item.is_dir() and target.exists():
             old = run_dir / f".{item.name}.old"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
@@ -501,6 +494,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", help="split to evaluate (default: params evaluate.split)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU if there is one"
+    )
+    parser.add_argument(
         "--results",
         type=Path,
         help="score an existing COCO results JSON instead of a run; prints the metrics as JSON, writes nothing",
@@ -518,7 +514,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.run is None:
         raise UserError("give --run runs/<name> (or --results FILE to score a results file)")
-    metrics = evaluate(params, args.run, args.data, args.split)
+    metrics = evaluate(params, args.run, args.data, args.split, args.device)
     for key in ("segm/AP", "segm/AP50", "segm/AP75", "bbox/AP", "boundary/AP"):
         print(f"{key:<14} {metrics[key]:.4f}")
     print(f"wrote {Path(args.run) / METRICS_FILE}")

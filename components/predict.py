@@ -19,11 +19,12 @@ from PIL import Image
 
 from components import plots
 from components.checkpoint import MODEL_FILE, load_trained_model
+from components.detections import detect, image_to_tensor, rle_json
+from components.distributed import resolve_device
 from components.errors import UserError
-from components.evaluate import check_reachable, tracking_uri
 from components.io import atomic_path, write_json_atomic
 from components.params import Params, load_params
-from components.pyfunc_model import detect, image_to_tensor, rle_json
+from components.tracking import check_reachable, tracking_uri
 
 
 def resolve_model(spec: str, params: Params | None = None) -> Path:
@@ -92,13 +93,14 @@ def predict(
     out_dir: str | Path = "predictions",
     score_threshold: float = 0.5,
     params: Params | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Run the model on the images; write overlays and ``predictions.json``; return the COCO dict."""
     paths = [Path(p) for p in image_paths]
     if len({p.stem for p in paths}) != len(paths):
         raise UserError("two input images share a file name stem; their overlays would overwrite each other")
     images = read_images(paths)
-    model, _, cats = load_trained_model(resolve_model(model_spec, params))
+    model, _, cats = load_trained_model(resolve_model(model_spec, params), resolve_device(device))
     found = detect(model, cats, images, score_threshold)
     out = Path(out_dir)
     for path, img, dets in zip(paths, images, found, strict=True):
@@ -130,12 +132,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=Path("params.yaml"),
         help="params file (for mlflow.tracking_uri), if present",
     )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: the GPU if there is one"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if not 0 <= args.score_threshold <= 1:
         raise UserError(f"--score-threshold: must be within [0, 1], got {args.score_threshold}")
     params = load_params(args.params) if args.params.is_file() else None
-    result = predict(args.images, args.model, args.out, args.score_threshold, params)
+    result = predict(args.images, args.model, args.out, args.score_threshold, params, args.device)
     print(f"{len(result['annotations'])} detections in {len(result['images'])} images; wrote {args.out}")
     return 0

@@ -11,6 +11,8 @@ instance mask as a COCO compressed RLE, JSON text: ``{"size": [h, w], "counts": 
 ``pycocotools.mask.decode(json.loads(mask))``). Masks are the model's final binarization (``B >= 0.5``,
 i.e. ``P >= T`` for ATMask; ``P >= 0.5`` for the baseline).
 
+Device: the GPU when one is visible, else the CPU; ``ATMASK_DEVICE=cpu|cuda`` overrides.
+
 Artifacts: ``model_pt`` -> the run's ``model.pt`` (``torch.load(..., weights_only=True)``-safe).
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import json
+import os
 from typing import Any
 
 import mlflow.pyfunc
@@ -27,16 +29,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from pycocotools import mask as mask_util
-from torchvision.transforms.functional import pil_to_tensor
+
+from components.detections import DEFAULT_SCORE_THRESHOLD, detect, image_to_tensor, rle_json
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ["image_index", "category_id", "label", "score", "box", "mask"]
-DEFAULT_SCORE_THRESHOLD = 0.5
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    return pil_to_tensor(image.convert("RGB")).float() / 255.0
 
 
 def decode_image(data: str | bytes, where: str) -> torch.Tensor:
@@ -59,47 +56,6 @@ def encode_image(path_or_array: Any) -> str:
         return base64.b64encode(fh.read()).decode("ascii")
 
 
-def rle_json(binary: np.ndarray) -> str:
-    rle = mask_util.encode(np.asfortranarray(binary.astype(np.uint8)))
-    return json.dumps({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
-
-
-@torch.inference_mode()
-def detect(
-    model: torch.nn.Module,
-    categories: list[dict[str, Any]],
-    images: list[torch.Tensor],
-    score_threshold: float = DEFAULT_SCORE_THRESHOLD,
-    batch_size: int = 4,
-) -> list[list[dict[str, Any]]]:
-    """Per image, its detections above ``score_threshold``: category_id, label, score, box, binary mask."""
-    model.eval()
-    found = []
-    for start in range(0, len(images), batch_size):
-        for out in model(images[start : start + batch_size]):
-            keep = out["scores"] >= score_threshold
-            masks = (out["masks"][keep, 0] >= 0.5).cpu().numpy()
-            found.append(
-                [
-                    {
-                        "category_id": int(categories[int(lab) - 1]["id"]),
-                        "label": str(categories[int(lab) - 1]["name"]),
-                        "score": float(score),
-                        "box": [float(v) for v in box],
-                        "mask": mask,
-                    }
-                    for lab, score, box, mask in zip(
-                        out["labels"][keep],
-                        out["scores"][keep],
-                        out["boxes"][keep].tolist(),
-                        masks,
-                        strict=True,
-                    )
-                ]
-            )
-    return found
-
-
 def detections_frame(per_image: list[list[dict[str, Any]]]) -> pd.DataFrame:
     rows = [
         {
@@ -118,8 +74,10 @@ class ATMaskPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from components.checkpoint import load_trained_model
+        from components.distributed import resolve_device
 
-        self.model, self.config, self.categories = load_trained_model(context.artifacts["model_pt"])
+        device = resolve_device(os.environ.get("ATMASK_DEVICE", "auto"))
+        self.model, self.config, self.categories = load_trained_model(context.artifacts["model_pt"], device)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:

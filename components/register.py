@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,16 +27,10 @@ from typing import Any
 
 from components.checkpoint import MODEL_FILE, sha256_file
 from components.errors import UserError
-from components.evaluate import (
-    INFO_FILE,
-    METRICS_FILE,
-    check_reachable,
-    mlflow_key,
-    read_mlflow_run,
-    tracking_uri,
-)
 from components.io import write_json_atomic
 from components.params import Params, load_params
+from components.run_layout import INFO_FILE, METRICS_FILE
+from components.tracking import check_reachable, git_commit, mlflow_key, read_mlflow_run, tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -133,20 +126,10 @@ def current_champion(client: Any, name: str, metric: str) -> tuple[str, float] |
 # ------------------------------------------------------------------ MLflow
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
 def version_tags(cand: Candidate, sha: str, pipeline_run_id: str | None) -> dict[str, str]:
     tags = {
         "ablation": cand.ablation,
-        "git_commit": git_commit(),
+        "git_commit": git_commit(REPO_ROOT),
         "data_hash": str(cand.info.get("data_checksum") or "unknown"),
         "pipeline_run_id": pipeline_run_id or "none",
         "model_sha256": sha,

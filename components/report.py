@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import UserError
-from components.evaluate import INFO_FILE, METRICS_FILE, check_reachable, mlflow_key, tracking_uri
 from components.io import write_text_atomic
 from components.params import Params, load_params
+from components.run_layout import INFO_FILE, METRICS_FILE
+from components.tracking import check_reachable, mlflow_key, tracking_uri
 
 COLUMNS = ("segm/AP", "segm/AP50", "segm/AP75", "segm/APs", "segm/APm", "segm/APl", "bbox/AP", "boundary/AP")
 HEADERS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "box AP", "boundary AP")

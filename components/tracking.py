@@ -38,20 +38,19 @@ def tracking_uri(params: Params | None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or (params and params.mlflow.tracking_uri) or DEFAULT_URI
 
 
-def check_reachable(uri: str, timeout: float = 5.0) -> None:
+def check_reachable(uri: str, what: str = "MLflow tracking server", timeout: float = 5.0) -> None:
     """Raise ``UserError`` unless an http(s) server answers ``/health`` or a SQLite/file store can be written."""
     if uri.startswith(("http://", "https://")):
         try:
             response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
         except requests.RequestException as err:
             raise UserError(
-                f"MLflow tracking server at {uri} is unreachable ({type(err).__name__}); start it, or set "
+                f"{what} at {uri} is unreachable ({type(err).__name__}); start it, or set "
                 "MLFLOW_TRACKING_URI / params.yaml mlflow.tracking_uri to a reachable server"
             ) from None
         if response.status_code >= 500:
             raise UserError(
-                f"MLflow tracking server at {uri} answered /health with HTTP {response.status_code}; "
-                "check the server's logs"
+                f"{what} at {uri} answered /health with HTTP {response.status_code}; check the server's logs"
             )
         return
     folder = _local_store_folder(uri)
@@ -132,6 +131,27 @@ def git_commit(cwd: Path | None = None) -> str:
     return f"{head}+dirty" if dirty else head
 
 
+def mlflow_key(key: str) -> str:
+    """metrics.json key -> MLflow metric name: '/' becomes '_' (``segm/AP`` -> ``segm_AP``)."""
+    return key.replace("/", "_")
+
+
+def read_mlflow_run(run_dir: Path) -> dict[str, Any] | None:
+    """The ``mlflow_run.json`` record training left in ``run_dir`` (None when there is none)."""
+    import json
+
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); re-run 'atmask train' to rewrite it") from None
+    if not isinstance(record, dict) or not record.get("run_id"):
+        raise UserError(f"{path}: has no 'run_id'; re-run 'atmask train' to rewrite it")
+    return record
+
+
 def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mappings -> ``a.b.c`` keys with string values (MLflow params are strings)."""
     out: dict[str, str] = {}
@@ -163,9 +183,9 @@ class RunTracker:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        client = mlflow.MlflowClient(tracking_uri=uri)
         try:
-            with _fast_fail():
+            with _fast_fail(), sqlite_store_lock(uri):
+                client = mlflow.MlflowClient(tracking_uri=uri)
                 run_id, experiment_id = _reopen(client, run_dir, uri) if resume else (None, None)
                 if run_id is None:
                     experiment_id = _experiment_id(client, experiment)
@@ -204,7 +224,7 @@ class RunTracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending += [Metric(k.replace("/", "_"), float(v), now, step) for k, v in values.items()]
+        self._pending += [Metric(mlflow_key(k), float(v), now, step) for k, v in values.items()]
         del self._pending[:-_MAX_PENDING_METRICS]
         self.flush(attempts=2)
 
@@ -237,13 +257,42 @@ class RunTracker:
             self.failures += 1
 
 
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str) -> Iterator[None]:
+    """Serialise first use of a SQLite store across processes (no-op for other stores).
+
+    MLflow creates the schema of a new SQLite file on first use; two processes doing that at once (the
+    parallel training tasks of ``atmask pipeline run-local``) fail with "table ... already exists".
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///") :])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def _experiment_id(client: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        if found.lifecycle_stage == "deleted":
-            client.restore_experiment(found.experiment_id)
-        return found.experiment_id
-    return client.create_experiment(name)
+    if found is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            found = client.get_experiment_by_name(name)  # another process created it just now
+    if found.lifecycle_stage == "deleted":
+        client.restore_experiment(found.experiment_id)
+    return found.experiment_id
 
 
 def _reopen(client: Any, run_dir: Path, uri: str) -> tuple[str | None, str | None]:

@@ -53,8 +53,11 @@ def test_evaluate_writes_stable_metrics_equal_to_pycocotools(
     tmp_path: Path, trained_atmask: Path, eval_data: Path, repo_root: Path, capsys: pytest.CaptureFixture
 ) -> None:
     run = _copy_run(trained_atmask, tmp_path / "atmask")
+    (run / "plots").mkdir()
+    (run / "plots" / "loss.csv").write_text("step,loss\n1,2.0\n")  # what training leaves there
     assert _evaluate(run, eval_data, repo_root) == 0
     assert "mlflow_run.json not found" in capsys.readouterr().out
+    assert (run / "plots" / "loss.csv").read_text() == "step,loss\n1,2.0\n"  # a training output: kept
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics) == sorted(ATMASK_KEYS)  # written with sorted keys
@@ -77,6 +80,7 @@ def test_evaluate_writes_stable_metrics_equal_to_pycocotools(
         "detections_val.json",
         *(f"plots/threshold_sweep.{ext}" for ext in ("png", "csv", "json")),
         *(f"plots/pr_curves.{ext}" for ext in ("png", "csv", "json")),
+        "plots/loss.csv",
     }
     files = _files(run)
     assert expected | RUN_FILES <= files

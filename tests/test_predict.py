@@ -13,8 +13,8 @@ from pycocotools import mask as mask_util
 
 from components.checkpoint import load_trained_model
 from components.cli import main as atmask
+from components.detections import detect, image_to_tensor
 from components.params import load_params
-from components.pyfunc_model import detect, image_to_tensor
 from components.register import register
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -74,7 +74,7 @@ def test_register_load_champion_predict_and_reregister_is_noop(
     manifest = json.loads((eval_data / "manifest.json").read_text())
     assert mv.tags["ablation"] == "atmask" and mv.tags["pipeline_run_id"] == "pipe-42"
     assert mv.tags["data_hash"] == manifest["checksum"]
-    assert re.fullmatch(r"[0-9a-f]{40}", mv.tags["git_commit"])
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", mv.tags["git_commit"])
     assert float(mv.tags["metric.segm_AP"]) == _metric(runs_dir / "atmask")
 
     loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")

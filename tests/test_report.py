@@ -12,9 +12,10 @@ import mlflow
 import pytest
 
 from components.cli import main as atmask
-from components.evaluate import ablation_tags, mlflow_key
+from components.evaluate import ablation_tags
 from components.params import load_params
 from components.report import COLUMNS, report
+from components.tracking import mlflow_key
 from model.config import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,10 @@ from fixtures_train import write_params
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train(params: Path, data: Path, out: Path, env: dict[str, str], *extra: str) -> list[dict[str, float]]:
-    argv = ["train", "--config", "baseline", "--params", str(params), "--data", str(data), "--out", str(out)]
+def _train(
+    ablation: str, params: Path, data: Path, out: Path, env: dict[str, str], *extra: str
+) -> list[dict[str, float]]:
+    argv = ["train", "--config", ablation, "--params", str(params), "--data", str(data), "--out", str(out)]
     argv += ["--iterations", "4", "--set", "model.norm=frozen_bn", "--deterministic", *extra]
     proc = subprocess.run(
         [sys.executable, "-m", "components.cli", *argv], cwd=REPO, env=env, capture_output=True, text=True
@@ -32,13 +34,14 @@ def _train(params: Path, data: Path, out: Path, env: dict[str, str], *extra: str
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ablation", ["baseline", "atmask"])
 def test_two_process_gloo_matches_one_process_with_the_same_global_batch(
-    tiny_coco: Path, tmp_path: Path, local_tracking: str
+    ablation: str, tiny_coco: Path, tmp_path: Path, local_tracking: str
 ) -> None:
     params = write_params(tmp_path / "params.yaml")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = _train(params, tiny_coco, tmp_path / "one", env)
-    ddp = _train(params, tiny_coco, tmp_path / "two", env, "--nproc-per-node", "2")
+    single = _train(ablation, params, tiny_coco, tmp_path / "one", env)
+    ddp = _train(ablation, params, tiny_coco, tmp_path / "two", env, "--nproc-per-node", "2")
 
     assert ddp["summary"]["world_size"] == 2 and single["summary"]["world_size"] == 1
     assert ddp["summary"]["global_batch"] == single["summary"]["global_batch"] == 2
@@ -57,3 +60,23 @@ def test_two_process_gloo_matches_one_process_with_the_same_global_batch(
         "plots",
         "train_log.json",
     ]
+
+
+class _Failure:
+    def __init__(self, exitcode: int) -> None:
+        self.exitcode = exitcode
+
+
+class _ChildFailed(Exception):
+    def __init__(self, *codes: int) -> None:
+        super().__init__("child failed")
+        self.failures = {rank: _Failure(code) for rank, code in enumerate(codes)}
+
+
+def test_relaunch_reports_the_childrens_exit_status() -> None:
+    from components.distributed import _child_exit_status
+
+    assert _child_exit_status(_ChildFailed(143, 143)) == 143  # preempted ranks: still retryable
+    assert _child_exit_status(_ChildFailed(0, 1)) == 1
+    assert _child_exit_status(_ChildFailed(-9)) == 137  # killed by SIGKILL, as a shell reports it
+    assert _child_exit_status(RuntimeError("no failures recorded")) == 1
