@@ -10,8 +10,9 @@ Definitions follow the paper and ``bowenc0221/boundary-iou-api``:
 - Boundary AP uses, per detection/ground-truth pair, ``min(mask IoU, boundary IoU)`` instead of mask IoU
   (crowd ground truth keeps mask IoU), with COCO's AP protocol otherwise unchanged.
 
-This module is the slow, readable reference that the fast evaluator (faster-coco-eval's ``boundary``
-mode) is checked against in the tests; ``components.coco_eval`` uses it for ``evaluator: pycocotools``.
+This module is the slow, readable reference: ``components.coco_eval`` uses it for
+``evaluator: pycocotools``, and the tests check the fast evaluator (faster-coco-eval in segm mode plus
+band IoU where mask IoU >= 0.5) and faster-coco-eval's own ``boundary`` mode against it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "register": ("components.register", "log a run to the MLflow Model Registry, gated promotion"),
     "promote": ("components.promote", "manually move the champion alias to a model version"),
     "predict": ("components.predict", "run a trained or registered model on images"),
-    "demo": ("components.demo", "small end-to-end train-and-predict on synthetic images"),
     "pipeline": ("pipelines.cli", "compile, submit or locally run the Kubeflow pipeline"),
     "image": ("pipelines.image", "build and push the container image"),
 }

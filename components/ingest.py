@@ -14,6 +14,7 @@ run leaves nothing partial behind. A run whose source fingerprint matches ``mani
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,17 +55,6 @@ from components.synthetic import SyntheticConfig
 
 INGEST_VERSION = "1"
 DEFAULT_OUT = Path("data/coco")
-DATA_PARAM_KEYS = (
-    "source",
-    "out",
-    "strict",
-    "s3_endpoint_url",
-    "synthetic",
-    "splits",
-    "workers",
-    "image_check",
-    "cache_dir",
-)
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False, allow_nan=False)
 
 
@@ -395,6 +385,35 @@ def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], st
     return manifest
 
 
+def _source_and_fingerprint(
+    source: str, splits: tuple[str, ...], strict: bool, image_check: str, **source_options: Any
+) -> tuple[Source, dict[str, Any], str]:
+    """The source, the output-relevant options, and a hash of both that changes when the data would."""
+    if not splits:
+        raise UserError("--splits: give at least one split, e.g. train,val")
+    if image_check not in CHECK_MODES:
+        raise UserError(f"--image-check: {image_check!r} is not one of {', '.join(CHECK_MODES)}")
+    src = make_source(source, splits, **source_options)
+    options = {"splits": list(splits), "strict": strict, "image_check": image_check}
+    blob = json.dumps({"v": INGEST_VERSION, "source": src.fingerprint(), "options": options}, sort_keys=True)
+    return src, options, hashlib.sha256(blob.encode()).hexdigest()
+
+
+def source_fingerprint(
+    source: str,
+    *,
+    splits: tuple[str, ...] = ("train", "val"),
+    strict: bool = False,
+    image_check: str = "full",
+    **source_options: Any,
+) -> str:
+    """What ``ingest`` would record as ``source_fingerprint``, without downloading or writing anything:
+    file listings, sizes, ETags or archive versions only. Orchestrators use it as a cache key."""
+    splits = tuple(dict.fromkeys(splits))
+    source_options["workers"] = source_options.get("workers") or default_workers()
+    return _source_and_fingerprint(source, splits, strict, image_check, **source_options)[2]
+
+
 def ingest(
     source: str,
     out: Path,
@@ -413,14 +432,12 @@ def ingest(
     """Validate ``source`` and write the normalised dataset to ``out`` (see the module docstring)."""
     out = Path(out)
     splits = tuple(dict.fromkeys(splits))
-    if not splits:
-        raise UserError("--splits: give at least one split, e.g. train,val")
-    if image_check not in CHECK_MODES:
-        raise UserError(f"--image-check: {image_check!r} is not one of {', '.join(CHECK_MODES)}")
     workers = workers or default_workers()
-    src = make_source(
+    src, options, fingerprint = _source_and_fingerprint(
         source,
         splits,
+        strict,
+        image_check,
         s3_endpoint_url=s3_endpoint_url,
         synthetic=synthetic,
         workers=workers,
@@ -428,9 +445,6 @@ def ingest(
         checksum=checksum,
         coco_base_url=coco_base_url,
     )
-    options = {"splits": list(splits), "strict": strict, "image_check": image_check}
-    blob = json.dumps({"v": INGEST_VERSION, "source": src.fingerprint(), "options": options}, sort_keys=True)
-    fingerprint = hashlib.sha256(blob.encode()).hexdigest()
     if not force and (manifest := _up_to_date(out, fingerprint, splits)) is not None:
         return IngestResult(out, True, manifest, _load_problems(out))
     header = {
@@ -512,6 +526,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"mirror of the COCO 2017 archives (default: {COCO2017_BASE_URL} or $ATMASK_COCO_BASE_URL)",
     )
     add("--force", action="store_true", help="ingest even if the source is unchanged since the last run")
+    add(
+        "--fingerprint",
+        action="store_true",
+        help="only print the source's fingerprint (listings, sizes, ETags; no download, nothing written)",
+    )
     add("--synthetic-train-images", type=int, help="synthetic: number of train images (default 64)")
     add("--synthetic-val-images", type=int, help="synthetic: number of val images (default 16)")
     add("--synthetic-image-size", type=int, help="synthetic: image side in pixels (default 128)")
@@ -522,23 +541,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _read_params(path: Path | None) -> dict[str, Any]:
+    """The ``data:`` section as a mapping. The whole file is validated: ingest is the first stage of the
+    pipeline, so a typo anywhere in params.yaml stops the run here, before anything is trained."""
     if path is None:
         return {}
-    import yaml
+    from components.params import load_params
 
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as err:
-        raise UserError(f"--params {path}: cannot read: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise UserError(f"--params {path}: invalid YAML: {err}") from None
-    data = doc.get("data", {}) if isinstance(doc, dict) else None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: 'data' must be a mapping")
-    unknown = sorted(set(data) - set(DATA_PARAM_KEYS))
-    if unknown:
-        raise UserError(f"{path}: data.{unknown[0]}: unknown key; allowed: {', '.join(DATA_PARAM_KEYS)}")
-    return data
+    return dataclasses.asdict(load_params(path).data)
 
 
 def _synthetic_config(args: argparse.Namespace, params: dict[str, Any]) -> SyntheticConfig:
@@ -572,21 +581,23 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers: must be >= 1, got {args.workers}")
     cache = _pick(args.cache_dir, params, "cache_dir", None)
-    result = ingest(
-        str(_pick(args.source, params, "source", "synthetic")),
-        Path(_pick(args.out, params, "out", DEFAULT_OUT)),
-        splits=splits,
-        strict=bool(_pick(args.strict, params, "strict", False)),
-        s3_endpoint_url=endpoint,
-        synthetic=_synthetic_config(args, params),
-        workers=_pick(args.workers, params, "workers", None),
-        image_check=_pick(args.image_check, params, "image_check", "full"),
-        cache_dir=Path(cache) if cache else None,
-        checksum=args.checksum,
-        coco_base_url=args.coco_base_url,
-        force=args.force,
-    )
-    _print_summary(result)
+    source = str(_pick(args.source, params, "source", "synthetic"))
+    options: dict[str, Any] = {
+        "splits": splits,
+        "strict": bool(_pick(args.strict, params, "strict", False)),
+        "s3_endpoint_url": endpoint,
+        "synthetic": _synthetic_config(args, params),
+        "workers": _pick(args.workers, params, "workers", None),
+        "image_check": _pick(args.image_check, params, "image_check", "full"),
+        "cache_dir": Path(cache) if cache else None,
+        "checksum": args.checksum,
+        "coco_base_url": args.coco_base_url,
+    }
+    if args.fingerprint:
+        print(source_fingerprint(source, **options))
+        return 0
+    out = Path(_pick(args.out, params, "out", DEFAULT_OUT))
+    _print_summary(ingest(source, out, force=args.force, **options))
     return 0
 
 

@@ -129,7 +129,7 @@ class SyntheticSource:
 # ---------------------------------------------------------------- S3
 
 
-def _s3_client(endpoint_url: str | None):
+def s3_client(endpoint_url: str | None):
     import boto3
     from botocore import UNSIGNED
     from botocore.config import Config
@@ -156,7 +156,7 @@ class S3Source:
         self.bucket = parsed.netloc
         self.prefix = parsed.path.strip("/")
         self.description = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        self._client = _s3_client(self.endpoint_url)
+        self._client = s3_client(self.endpoint_url)
         self._objects: dict[str, tuple[int, str]] | None = None
 
     def _fail(self, err: Exception) -> UserError:

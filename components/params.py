@@ -17,34 +17,45 @@ from typing import Any
 import yaml
 
 from components.errors import UserError
+from components.ingest_images import CHECK_MODES
+from components.synthetic import SyntheticConfig
 from model.config import ABLATIONS, ConfigError, HeadConfig, ModelConfig
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
 @dataclass(frozen=True)
-class SyntheticParams:
-    seed: int = 0
-    train_images: int = 64
-    val_images: int = 16
-    image_size: int = 128
-    num_categories: int = 3
-    max_instances: int = 4
-
-
-@dataclass(frozen=True)
 class DataParams:
+    """``atmask ingest`` defaults (its flags override them)."""
+
     source: str = "synthetic"  # synthetic | local dir | s3://bucket/prefix | https://... | coco2017
     out: str = "data/coco"
     strict: bool = False
     s3_endpoint_url: str | None = None
-    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    splits: list[str] = field(default_factory=lambda: ["train", "val"])
+    workers: int | None = None  # parallel image checks/downloads (None: one per CPU, at most 32)
+    image_check: str = "full"  # full: decode every image | header: sizes only
+    cache_dir: str | None = (
+        None  # HTTP downloads kept for resume (None: $ATMASK_CACHE_DIR or ~/.cache/atmask)
+    )
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def __post_init__(self) -> None:
+        if not self.splits:
+            raise ConfigError("splits: give at least one split, e.g. [train, val]")
+        if self.image_check not in CHECK_MODES:
+            raise ConfigError(
+                f"image_check: {self.image_check!r} is not allowed; choose one of {', '.join(CHECK_MODES)}"
+            )
+        if self.workers is not None:
+            _check_positive("workers", self.workers)
 
 
 @dataclass(frozen=True)
 class TrainParams:
     """One training recipe (SGD, warm-up, multi-step decay), paper §4."""
 
+    optimizer: str = "sgd"  # sgd (momentum, the paper's) | adamw
     lr: float = 0.02
     batch_size: int = 4  # global batch (all processes together)
     base_batch_size: int = 4  # batch that ``lr`` is tuned for; linear scaling rule applies otherwise
@@ -78,6 +89,8 @@ class TrainParams:
             _check_positive(key, getattr(self, key), allow_zero=True)
         if not 0 <= self.hflip_prob <= 1:
             raise ConfigError(f"hflip_prob: must be within [0, 1], got {self.hflip_prob!r}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer: {self.optimizer!r} is not allowed; choose one of sgd, adamw")
         if self.amp not in ("auto", "bf16", "fp16", "off"):
             raise ConfigError(f"amp: {self.amp!r} is not allowed; choose one of auto, bf16, fp16, off")
         if self.on_nonfinite not in ("stop", "skip"):
@@ -182,7 +195,7 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
     model = dict(raw.get("model") or {})
     _reject_unknown(model, {f.name for f in dataclasses.fields(ModelConfig)} - {"ablation", "head"}, "model.")
     ablations = {
-        name: _build(HeadConfig, spec or {}, f"ablations.{name}.")
+        name: _build(HeadConfig, _check_ablation(name, spec), f"ablations.{name}.")
         for name, spec in (raw.get("ablations") or {}).items()
     }
     if not ablations:
@@ -217,6 +230,26 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
     )
     params.model_config(next(iter(ablations)), num_classes=2)  # the shared model keys are valid
     return params
+
+
+# A new ablation spells these out, so that a typo'd name (``-S ablations.atmsk.k=1``) is an error rather
+# than a silent extra run with default switches.
+NEW_ABLATION_KEYS = ("threshold_branch", "p2t_fusion", "t2p_fusion", "rt_source", "k")
+
+
+def _check_ablation(name: str, spec: Any) -> Mapping[str, Any]:
+    spec = spec or {}
+    _reject_unknown(spec, {f.name for f in dataclasses.fields(HeadConfig)}, f"ablations.{name}.")
+    if name in ABLATIONS:
+        return spec
+    needed = NEW_ABLATION_KEYS if spec.get("threshold_branch", True) else NEW_ABLATION_KEYS[:1]
+    missing = [key for key in needed if key not in spec]
+    if missing:
+        raise ConfigError(
+            f"ablations.{name}: unknown ablation; the paper's are {', '.join(ABLATIONS)}. A new ablation "
+            f"must set {', '.join(needed)} (missing: {', '.join(missing)}); check the name for a typo"
+        )
+    return spec
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

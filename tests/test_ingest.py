@@ -165,6 +165,19 @@ def test_reingest_after_a_source_change_redoes_the_work(tmp_path):
     assert ingest(str(raw), out, workers=1).skipped
 
 
+def test_fingerprint_is_what_ingest_records_and_follows_the_source(tmp_path, capsys):
+    raw = generate(TINY, tmp_path / "raw")
+    argv = ["ingest", "--source", str(raw), "--fingerprint"]
+    rc, before, _ = run_cli(argv, capsys)
+    assert rc == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["raw"]  # nothing written
+    recorded = ingest(str(raw), tmp_path / "data", workers=1).manifest["source_fingerprint"]
+    assert before.strip() == recorded
+    ann = raw / "annotations" / "instances_val.json"
+    ann.write_text(ann.read_text() + " ")
+    rc, after, _ = run_cli(argv, capsys)
+    assert rc == 0 and after.strip() != recorded
+
+
 def test_synthetic_reingest_via_cli_is_a_noop(tmp_path, capsys):
     out = tmp_path / "syn"
     argv = ["ingest", "--source", "synthetic", "--out", str(out), "--synthetic-train-images", "2"]
@@ -289,3 +302,119 @@ def test_http_archive_source_with_checksum(tmp_path, http_dir, capsys):
     assert not (tmp_path / "x").exists() and list((tmp_path / "cache2").iterdir()) == []
     rc, _, err = run_cli(["ingest", "--source", f"{base}/missing.zip", "--out", str(tmp_path / "y")], capsys)
     assert rc == 1 and "cannot reach the URL" in err and "404" in err
+
+
+@pytest.fixture
+def ranged_http(tmp_path):
+    """Like ``http_dir``, with HTTP Range support (206 / 416) and a log of the Range headers received."""
+    import http.server
+    import threading
+
+    folder = tmp_path / "ranged"
+    folder.mkdir()
+    ranges: list[str | None] = []
+
+    class Ranged(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self._serve(body=False)
+
+        def do_GET(self):
+            self._serve(body=True)
+
+        def _serve(self, body: bool) -> None:
+            path = folder / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            header = self.headers.get("Range")
+            if body:
+                ranges.append(header)
+            start = int(header.split("=")[1].split("-")[0]) if header else 0
+            if start >= len(data) and header:
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            self.send_response(206 if header else 200)
+            if header:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            if body:
+                self.wfile.write(data[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ranged)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield folder, f"http://127.0.0.1:{server.server_address[1]}", ranges
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_http_download_resumes_a_partial_file_with_a_range_request(tmp_path, ranged_http):
+    from components.ingest_sources import Archive, download
+
+    folder, base, ranges = ranged_http
+    payload = bytes(range(256)) * 4000  # ~1 MB
+    (folder / "data.zip").write_bytes(payload)
+    archive = Archive(f"{base}/data.zip", f"sha256:{hashlib.sha256(payload).hexdigest()}")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    final = cache / f"{hashlib.sha256(archive.url.encode()).hexdigest()[:12]}-data.zip"
+    part = final.with_name(final.name + ".part")
+
+    part.write_bytes(payload[:300_000])  # an interrupted earlier download
+    assert download(archive, cache) == final
+    assert ranges == ["bytes=300000-"] and final.read_bytes() == payload and not part.exists()
+
+    final.rename(part)  # complete but not yet verified: the server answers 416, nothing is re-sent
+    assert download(archive, cache).read_bytes() == payload and ranges[-1] == f"bytes={len(payload)}-"
+
+    ranges.clear()
+    assert download(archive, cache) == final and ranges == []  # verified file in the cache: no request
+
+
+def test_coco2017_source_downloads_the_official_archive_layout_from_a_mirror(
+    tmp_path, ranged_http, monkeypatch, capsys
+):
+    import shutil
+    import zipfile
+
+    from components import ingest_sources
+
+    folder, base, _ = ranged_http
+    raw = generate(TINY, tmp_path / "raw")
+    (folder / "annotations").mkdir()
+    (folder / "zips").mkdir()
+    with zipfile.ZipFile(folder / "annotations" / "annotations_trainval2017.zip", "w") as zf:
+        zf.write(raw / "annotations" / "instances_val.json", "annotations/instances_val2017.json")
+    with zipfile.ZipFile(folder / "zips" / "val2017.zip", "w") as zf:
+        for image in sorted((raw / "val").iterdir()):
+            zf.write(image, f"val2017/{image.name}")
+    argv = ["ingest", "--source", "coco2017", "--coco-base-url", base, "--splits", "val"]
+    argv += ["--out", str(tmp_path / "coco"), "--cache-dir", str(tmp_path / "cache")]
+
+    rc, _, err = run_cli(argv, capsys)  # the official md5s do not match these stand-in archives
+    assert rc == 1 and "annotations_trainval2017.zip: md5 checksum mismatch" in err
+    assert not (tmp_path / "coco").exists()
+
+    md5 = {k: hashlib.md5((folder / path).read_bytes()).hexdigest() for k, (path, _) in [
+        ("annotations", ingest_sources.COCO2017_ARCHIVES["annotations"]),
+        ("val", ingest_sources.COCO2017_ARCHIVES["val"]),
+    ]}  # fmt: skip
+    patched = {
+        k: (path, md5.get(k, digest)) for k, (path, digest) in ingest_sources.COCO2017_ARCHIVES.items()
+    }
+    monkeypatch.setattr(ingest_sources, "COCO2017_ARCHIVES", patched)
+    rc, out, _ = run_cli(argv, capsys)
+    assert rc == 0 and "val: 2 images" in out
+    local = tmp_path / "local"
+    shutil.copytree(raw, local)
+    ingest(str(local), tmp_path / "from-local", splits=("val",), workers=1)
+    assert_same_dataset(tmp_path / "coco", tmp_path / "from-local", ("val",))
+    assert manifest(tmp_path / "coco")["source"] == "coco2017"
