@@ -1,7 +1,11 @@
 """Pictures of an evaluation: threshold sweep (paper Fig. 4), PR curves, mask overlays and P/T/B maps.
 
-Every plot comes as a PNG plus a DVC-plots-friendly table in long format (CSV and JSON with the same
-rows), so ``dvc plots show`` and the MLflow UI show the same numbers.
+Every plot comes as a PNG plus a table for ``dvc plots`` (CSV and JSON with the same rows), so the DVC
+plots page and the MLflow UI show the same numbers:
+
+- ``threshold_sweep``: ``binarization`` (``P>=0.3`` ..., ``P>=T``), ``threshold`` (the fixed value, or
+  ``adaptive``) and ``segm_AP``: one bar per binarization;
+- ``pr_curves``: ``recall`` and one precision column per IoU type and threshold, e.g. ``segm@0.50``.
 """
 
 from __future__ import annotations
@@ -41,7 +45,10 @@ def write_table(path_stem: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 def threshold_sweep_plot(out_dir: Path, sweep: Mapping[str, float], title: str) -> None:
     """Mask AP per binarization: fixed thresholds on P as a line, the adaptive P >= T as a level."""
     fixed = sorted((float(k), v) for k, v in sweep.items() if k != "adaptive")
-    rows = [{"threshold": k, "segm_AP": v} for k, v in sweep.items()]
+    rows = [
+        {"binarization": "P>=T" if k == "adaptive" else f"P>={k}", "threshold": k, "segm_AP": v}
+        for k, v in sweep.items()
+    ]
     write_table(out_dir / "threshold_sweep", rows)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot([t for t, _ in fixed], [100 * v for _, v in fixed], "o-", label="fixed threshold on P")
@@ -58,11 +65,15 @@ def threshold_sweep_plot(out_dir: Path, sweep: Mapping[str, float], title: str) 
 def pr_curves_plot(out_dir: Path, results: Mapping[str, EvalResult]) -> None:
     """``pr_curves.{png,csv,json}``: precision-recall per IoU threshold for each IoU type (all areas,
     100 detections, mean over classes), one panel per IoU type."""
-    rows = [
-        {"iou_type": iou_type, "iou": iou, "recall": round(float(r), 2), "precision": float(p)}
+    recall = next(iter(results.values())).recall_thresholds
+    columns = {
+        f"{iou_type}@{iou:.2f}": prec
         for iou_type, result in results.items()
         for iou, prec in result.pr_curves().items()
-        for r, p in zip(result.recall_thresholds, prec, strict=True)
+    }
+    rows = [
+        {"recall": round(float(r), 2), **{name: float(prec[i]) for name, prec in columns.items()}}
+        for i, r in enumerate(recall)
     ]
     write_table(out_dir / "pr_curves", rows)
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.8), squeeze=False)
