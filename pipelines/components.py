@@ -29,10 +29,26 @@ def config_op(
     runtime.write_params(params_json, keys, Path(params_file.path))
 
 
-def ingest_op(params_json: str, overrides: str, data_source: str, data: Output[Dataset]) -> None:
+def fingerprint_op(params_json: str, overrides: str, data_source: str) -> str:
+    """The source's fingerprint (listings, sizes, ETags; nothing downloaded). Never cached: it is what lets
+    the ingest task's cache notice that the objects behind an unchanged ``s3://`` or URL have changed."""
+    import tempfile
+    from pathlib import Path
+
+    from pipelines import runtime
+
+    keys = runtime.pipeline_overrides(overrides, {"data.source": data_source})
+    with tempfile.TemporaryDirectory() as tmp:
+        return runtime.fingerprint_step(runtime.write_params(params_json, keys, Path(tmp)), data_source)
+
+
+def ingest_op(
+    params_json: str, overrides: str, data_source: str, source_fingerprint: str, data: Output[Dataset]
+) -> None:
     """Validate and normalise the COCO source into the Dataset artifact.
 
-    Takes only what the data depends on, so a new recipe or registry gate reuses the cached dataset.
+    Takes only what the data depends on (``source_fingerprint`` included), so a new recipe or registry
+    gate reuses the cached dataset, and changed source objects do not.
     """
     import tempfile
     from pathlib import Path
@@ -44,6 +60,7 @@ def ingest_op(params_json: str, overrides: str, data_source: str, data: Output[D
         params = runtime.write_params(params_json, keys, Path(tmp))
         manifest = runtime.ingest_step(params, data_source, Path(data.path))
     data.metadata["checksum"] = manifest.get("checksum", "")
+    data.metadata["source_fingerprint"] = source_fingerprint
     data.metadata["source"] = data_source
 
 
@@ -146,6 +163,7 @@ def register_op(
 
 FUNCTIONS: dict[str, Callable] = {
     "config": config_op,
+    "fingerprint": fingerprint_op,
     "ingest": ingest_op,
     "train": train_op,
     "evaluate": evaluate_op,
@@ -155,7 +173,7 @@ FUNCTIONS: dict[str, Callable] = {
 
 
 def build_components(image: str) -> dict[str, Callable]:
-    """The six components, each running in ``image`` with no run-time installs."""
+    """The seven components, each running in ``image`` with no run-time installs."""
     return {
         name: dsl.component(func, base_image=image, packages_to_install=[], install_kfp_package=False)
         for name, func in FUNCTIONS.items()

@@ -1,5 +1,8 @@
 """The ``atmask-ablation`` pipeline: ingest -> ParallelFor(ablations: train -> evaluate) -> report -> register.
 
+A ``fingerprint`` task (never cached) hashes the data source's listing before ingest, and ingest takes the
+hash as an input: KFP's cache reuses the dataset only while the source's content is unchanged.
+
 Pipeline parameters take their defaults from params.yaml at compile time (the whole file travels as
 ``params_json``; the parameters below override single keys of it). The image is fixed at compile time
 (``atmask pipeline compile --image`` / ``atmask image push``), so a new image is a new component spec and
@@ -118,7 +121,17 @@ def build_pipeline(
         ).set_display_name("config")
         cpu_retries = 2 if res.retries else 0
         on_cpu_node(config, "1", "1G", cpu_retries)
-        ingest = ops["ingest"](params_json=params_json, overrides=overrides, data_source=data_source)
+        fingerprint = ops["fingerprint"](
+            params_json=params_json, overrides=overrides, data_source=data_source
+        )
+        fingerprint.set_display_name("fingerprint").set_caching_options(False)
+        on_cpu_node(use_secrets(fingerprint, mlflow=False), "1", "2G", cpu_retries)
+        ingest = ops["ingest"](
+            params_json=params_json,
+            overrides=overrides,
+            data_source=data_source,
+            source_fingerprint=fingerprint.output,
+        )
         on_cpu_node(use_secrets(ingest.set_display_name("ingest"), mlflow=False), "4", "16G", cpu_retries)
         params_file, data = config.outputs["params_file"], ingest.outputs["data"]
         with dsl.ParallelFor(items=ablations) as ablation:

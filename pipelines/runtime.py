@@ -66,6 +66,17 @@ def call_cli(argv: list[str]) -> None:
         raise RuntimeError(f"atmask {' '.join(argv)} exited with status {rc}")
 
 
+def fingerprint_step(params: Path, source: str) -> str:
+    """``atmask ingest --fingerprint``: changes exactly when ingesting ``source`` would give other data."""
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        call_cli(["ingest", "--source", source, "--params", str(params), "--fingerprint"])
+    return printed.getvalue().strip().splitlines()[-1]
+
+
 def ingest_step(params: Path, source: str, out_dir: Path) -> dict[str, Any]:
     call_cli(["ingest", "--source", source, "--out", str(out_dir), "--params", str(params)])
     return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
@@ -136,7 +147,7 @@ def run_name(run_dir: Path) -> str:
         return str(json.loads(info.read_text(encoding="utf-8"))["ablation"])
     import torch
 
-    return str(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)["ablation"])
+    return str(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["ablation"])
 
 
 def gather_runs(run_dirs: list[Path], runs_dir: Path) -> list[str]:

@@ -45,7 +45,10 @@ def test_dag_shape(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     assert spec["pipelineInfo"]["name"] == "atmask-ablation"
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"config-op", "ingest-op", "for-loop-1", "report-op", "register-op"}
+    assert set(root) == {"config-op", "fingerprint-op", "ingest-op", "for-loop-1", "report-op", "register-op"}
+    assert root["ingest-op"]["dependentTasks"] == ["fingerprint-op"]
+    fingerprint = root["ingest-op"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]
+    assert fingerprint == {"outputParameterKey": "Output", "producerTask": "fingerprint-op"}
     assert root["for-loop-1"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ablations"
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert set(loop) == {"train-op", "evaluate-op"}
@@ -125,7 +128,13 @@ def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, 
             "backoffMaxDuration": "3600s",
             "maxRetryCount": 3,
         }
-    for name in ("exec-config-op", "exec-ingest-op", "exec-report-op", "exec-register-op"):
+    for name in (
+        "exec-config-op",
+        "exec-fingerprint-op",
+        "exec-ingest-op",
+        "exec-report-op",
+        "exec-register-op",
+    ):
         assert "accelerator" not in executors[name]["container"]["resources"]
     # training keeps its checkpoints on the runs PVC (k8s/base/storage.yaml), so a retry resumes
     (mount,) = platform["exec-train-op"]["pvcMount"]
@@ -138,6 +147,7 @@ def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, 
 def test_secrets_are_env_from_secret_refs(compiled: tuple[dict, dict]) -> None:
     _, platform = compiled
     expected = {
+        "exec-fingerprint-op": {"atmask-s3"},
         "exec-ingest-op": {"atmask-s3"},
         "exec-train-op": {"atmask-s3", "atmask-mlflow-client"},
         "exec-evaluate-op": {"atmask-s3", "atmask-mlflow-client"},
@@ -156,7 +166,7 @@ def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == {
-        f"exec-{n}-op" for n in ("config", "ingest", "train", "evaluate", "report", "register")
+        f"exec-{n}-op" for n in ("config", "fingerprint", "ingest", "train", "evaluate", "report", "register")
     }
     for executor in executors.values():
         command = " ".join(executor["container"]["command"])
@@ -165,11 +175,12 @@ def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
     assert len({e["container"]["image"] for e in executors.values()}) == 1
 
 
-def test_caching_off_only_for_register(compiled: tuple[dict, dict]) -> None:
+def test_caching_off_only_for_register_and_the_source_fingerprint(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     root = spec["root"]["dag"]["tasks"]
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert root["register-op"]["cachingOptions"] == {}
+    assert root["fingerprint-op"]["cachingOptions"] == {}
     for task in (
         root["config-op"],
         root["ingest-op"],
@@ -180,7 +191,12 @@ def test_caching_off_only_for_register(compiled: tuple[dict, dict]) -> None:
         assert task["cachingOptions"] == {"enableCache": True}
     # a cache key sees exactly what a task depends on: the dataset does not depend on the recipe or the
     # registry gate (changing them reuses the ingested data), the params file does depend on the recipe
-    assert set(root["ingest-op"]["inputs"]["parameters"]) == {"params_json", "overrides", "data_source"}
+    assert set(root["ingest-op"]["inputs"]["parameters"]) == {
+        "params_json",
+        "overrides",
+        "data_source",
+        "source_fingerprint",
+    }
     assert set(root["config-op"]["inputs"]["parameters"]) == {
         "params_json",
         "overrides",
@@ -446,5 +462,5 @@ def test_run_local_failure_is_one_line_without_retries(
     assert time.monotonic() - start < 60  # the cluster's retry back-off (minutes) is not used locally
     last = capsys.readouterr().err.strip().splitlines()[-1].strip()
     assert last.startswith("atmask pipeline: error: local pipeline run failed (Pipeline 'atmask-ablation'")
-    assert "'ingest-op'" in last and "\x1b" not in last
+    assert "'fingerprint-op'" in last and "\x1b" not in last  # the first task that reads the source
     assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "summary.json").exists()
