@@ -129,11 +129,11 @@ ShapeFn = Callable[[np.ndarray, np.ndarray, float, np.random.Generator], np.ndar
 # (name, supercategory, function, area of the shape relative to its bounding square (2r)^2, roughly)
 SHAPES: tuple[tuple[str, str, ShapeFn, float], ...] = (
     ("ellipse", "round", _ellipse, 0.6),
+    ("triangle", "pointy", _triangle, 0.3),
     ("star", "pointy", _star, 0.3),
     ("ring", "round", _ring, 0.45),
-    ("bar", "straight", _bar, 0.2),
-    ("triangle", "pointy", _triangle, 0.3),
     ("cross", "straight", _cross, 0.4),
+    ("bar", "straight", _bar, 0.2),
 )
 
 

@@ -189,7 +189,7 @@ def test_synthetic_reingest_via_cli_is_a_noop(tmp_path, capsys):
     assert tree_digest(out) == before
     m = manifest(out)
     assert m["splits"]["train"]["images"] == 2 and m["splits"]["val"]["images"] == 1
-    assert [c["name"] for c in m["categories"]] == ["ellipse", "star", "ring"][: len(m["categories"])]
+    assert [c["name"] for c in m["categories"]] == ["ellipse", "triangle", "star"][: len(m["categories"])]
 
 
 def test_help_documents_every_option(capsys):
