@@ -144,8 +144,9 @@ def test_repro_runs_the_whole_dag_and_leaves_every_output(reproduced: Path) -> N
     shown = json.loads(dvc(reproduced, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
     assert {f"runs/{a}/metrics.json" for a in ABLATIONS} <= set(files)
-    plots = json.loads(dvc(reproduced, "plots", "show", "--json").stdout)
-    assert any("threshold_sweep" in name for name in plots)
+    plots = json.loads(dvc(reproduced, "plots", "show", "--json").stdout)["data"]
+    assert {f"runs/{a}/plots/threshold_sweep.csv" for a in ABLATIONS} <= set(plots)
+    assert any(name.startswith("Mask AP by binarisation, all ablations") for name in plots)
     assert not any(p.name.endswith(".tmp") for p in reproduced.rglob("*"))
 
 
