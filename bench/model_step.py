@@ -17,23 +17,25 @@ import contextlib
 import multiprocessing as mp
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
+from components.params import load_params
+from components.train import amp_dtype
 from model import ModelConfig, build_model
 
 ABLATIONS = ("baseline", "atmask")
-R50_PAPER = dict(
-    backbone="resnet50",
-    fpn_channels=256,
-    mask_head_channels=256,
-    box_head_dim=1024,
-    min_size=800,
-    max_size=1333,
-    anchor_sizes=(32, 64, 128, 256, 512),
-    rpn_post_nms_top_n_train=2000,
-    box_batch_size_per_image=512,
-)
+REPO = Path(__file__).resolve().parents[1]
+WEIGHT_KEYS = ("backbone_weights", "weights", "frozen")  # the bench times random-init models
+
+
+def r50_paper_sizes() -> dict:
+    """The model block of params.yaml's ``r50_fpn_coco`` recipe (the paper's R50-FPN setting)."""
+    model = load_params(REPO / "params.yaml").recipes["r50_fpn_coco"].model
+    return {k: v for k, v in model.items() if k not in WEIGHT_KEYS}
+
+
 QUICK = dict(
     backbone="resnet18",
     fpn_channels=64,
@@ -77,14 +79,12 @@ def build(ablation: str, sizes: dict, device: torch.device) -> torch.nn.Module:
     return build_model(cfg).to(device).train()
 
 
-def autocast(device: torch.device, amp: str):
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
-def step(model, optimizer, images, targets, device, amp) -> None:
-    with autocast(device, amp):
+def step(model, optimizer, images, targets, device, dtype) -> None:
+    with autocast(device, dtype):
         losses = model(images, targets)
     sum(losses.values()).backward()
     optimizer.step()
@@ -106,14 +106,13 @@ def _vm_kib(field: str) -> int:
 
 
 def _cpu_peak_child(ablation, sizes, batch_args, steps, queue) -> None:
-    torch.set_num_threads(torch.get_num_threads())
     device = torch.device("cpu")
     images, targets = make_batch(*batch_args, device)
     before = _vm_kib("VmHWM")
     model = build(ablation, sizes, device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     for _ in range(steps):
-        step(model, opt, images, targets, device, "off")
+        step(model, opt, images, targets, device, None)
     queue.put((_vm_kib("VmHWM") - before) / 1024)
 
 
@@ -137,12 +136,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), default="auto")
+    parser.add_argument(
+        "--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="CUDA only, as in training"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    amp = args.amp if args.amp != "auto" else ("bf16" if device.type == "cuda" else "off")
-    sizes = QUICK if args.quick else R50_PAPER
+    dtype = amp_dtype(args.amp, device)  # as training: bf16 where supported, else fp16; off on CPU
+    amp = str(dtype).removeprefix("torch.") if dtype else "fp32"
+    sizes = QUICK if args.quick else r50_paper_sizes()
     height, width = (sizes["min_size"], sizes["max_size"])
     batch_args = (args.batch, height, width, args.instances)
     images, targets = make_batch(*batch_args, device)
@@ -154,7 +156,7 @@ def main() -> None:
         for name in ABLATIONS:  # interleaved: both models see the same thermal / load conditions
             sync(device)
             start = time.perf_counter()
-            step(models[name], optims[name], images, targets, device, amp)
+            step(models[name], optims[name], images, targets, device, dtype)
             sync(device)
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
@@ -169,7 +171,7 @@ def main() -> None:
             model = build(name, sizes, device)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             for _ in range(2):
-                step(model, opt, images, targets, device, amp)
+                step(model, opt, images, targets, device, dtype)
             peaks[name] = torch.cuda.max_memory_allocated() / 2**20
             del model, opt
         else:

@@ -78,7 +78,6 @@ class TrainParams:
     seed: int = 0
     deterministic: bool = False
     sync_bn: bool = False
-    channels_last: bool = False  # NHWC weights/activations for the convolutions
     on_nonfinite: str = "stop"  # stop | skip
     model: dict[str, Any] = field(default_factory=dict)  # model keys this recipe overrides
 

@@ -311,8 +311,6 @@ def build_loop(params: Params, cfg: ModelConfig, tp: TrainParams, info: dist_uti
     except ConfigError as err:
         raise UserError(f"{params.source}: {err}") from None
     model.to(info.device)
-    if tp.channels_last:  # NHWC convolutions: ~25% faster training steps on CPU (oneDNN)
-        model.to(memory_format=torch.channels_last)
     if tp.sync_bn and info.distributed:
         if info.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
