@@ -29,7 +29,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/atmask \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    NUMBA_CACHE_DIR=/tmp/numba
 WORKDIR /home/atmask
 USER 10001:10001
 # Batch jobs and the MLflow server are probed by Kubernetes (k8s/), not by the Docker engine.

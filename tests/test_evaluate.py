@@ -307,7 +307,9 @@ def test_band_on_the_box_equals_reference_band() -> None:
         cases.append(m)
     for ratio in (0.02, 0.1):
         for m in cases:
-            x0, y0, crop = rle_band(mask_util.encode(np.asfortranarray(m)), ratio)
+            band = rle_band(mask_util.encode(np.asfortranarray(m)), ratio)
             full = np.zeros(m.shape, bool)
-            full[y0 : y0 + crop.shape[0], x0 : x0 + crop.shape[1]] = crop
+            rows, cols = band.pixels.shape
+            full[band.y0 : band.y0 + rows, band.x0 : band.x0 + cols] = band.pixels
             np.testing.assert_array_equal(full, mask_boundary(m, ratio).astype(bool))
+            assert band.area == full.sum()
