@@ -148,6 +148,8 @@ def _mask_results(coco_cls: type, coco_gt: Any, dts: list[dict[str, Any]]) -> An
     """``coco_gt.loadRes(dts)`` for mask results (area = mask area), with the masks' areas and boxes
     decoded once for all detections (:func:`components.rle.areas_and_boxes`). Like loadRes, fills in
     ``dts``."""
+    if not {d["image_id"] for d in dts} <= set(coco_gt.getImgIds()):
+        raise ValueError("Results do not correspond to current coco set")  # as loadRes
     res = coco_cls(print_function=coco_gt.print_function)
     res.dataset["images"] = list(coco_gt.dataset["images"])
     res.dataset["categories"] = [dict(c) for c in coco_gt.dataset["categories"]]
