@@ -29,7 +29,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from pycocotools import mask as mask_util
 
-from components.rle import rle_counts
+from components.rle import foreground_box, rle_counts
 
 
 def dilation_pixels(height: int, width: int, dilation_ratio: float) -> int:
@@ -98,7 +98,7 @@ def rle_band(rle: dict[str, Any], dilation_ratio: float = 0.02) -> Band:
 # small, so per-call overhead, not pixels, is what a NumPy version paid for (4x slower in all).
 @numba.njit(cache=True, nogil=True)
 def _band_kernel(counts: np.ndarray, h: int, d: int) -> tuple[int, int, np.ndarray, int]:
-    x0, y0, ncols, nrows = _foreground_box(counts, h)
+    x0, y0, ncols, nrows = foreground_box(counts, h)
     mask = np.zeros((nrows, ncols), dtype=np.bool_)
     vertical = np.zeros((nrows, ncols), dtype=np.bool_)  # mask eroded along columns by d
     start = 0
@@ -114,9 +114,9 @@ def _band_kernel(counts: np.ndarray, h: int, d: int) -> tuple[int, int, np.ndarr
                     vertical[top + d - y0 : bottom - d - y0, col - x0] = True
                 s = (col + 1) * h
         start = end
-    # Erosion along rows: a pixel survives when all 2d+1 columns around it survived vertically.
+    # Erosion along rows: a pixel is eroded away (not band) when all 2d+1 columns around it survived
+    # vertically. The band is what is left of the mask, cleared in place.
     k = 2 * d + 1
-    band = np.zeros((nrows, ncols), dtype=np.bool_)
     area = 0
     for r in range(nrows):
         window = 0
@@ -127,30 +127,12 @@ def _band_kernel(counts: np.ndarray, h: int, d: int) -> tuple[int, int, np.ndarr
                 window += vertical[r, c + d]
             if c - d - 1 >= 0:
                 window -= vertical[r, c - d - 1]
-            if mask[r, c] and window < k:
-                band[r, c] = True
-                area += 1
-    return x0, y0, band, area
-
-
-@numba.njit(cache=True, nogil=True)
-def _foreground_box(counts: np.ndarray, h: int) -> tuple[int, int, int, int]:
-    """``(x0, y0, ncols, nrows)`` of the foreground of column-major run lengths; zeros when empty."""
-    x0, y0, x1, y1 = 1 << 62, 1 << 62, -1, -1
-    start = 0
-    for i in range(counts.shape[0]):
-        end = start + counts[i]
-        if i % 2 == 1 and end > start:
-            first, last = start // h, (end - 1) // h
-            x0, x1 = min(x0, first), max(x1, last)
-            if first == last:
-                y0, y1 = min(y0, start - first * h), max(y1, end - 1 - last * h)
-            else:  # crosses a column end: covers the bottom row of one column and the top of the next
-                y0, y1 = 0, h - 1
-        start = end
-    if x1 < 0:
-        return 0, 0, 0, 0
-    return x0, y0, x1 - x0 + 1, y1 - y0 + 1
+            if mask[r, c]:
+                if window == k:
+                    mask[r, c] = False
+                else:
+                    area += 1
+    return x0, y0, mask, area
 
 
 @numba.njit(cache=True, nogil=True)

@@ -2,7 +2,7 @@
 
 A val2017-sized evaluation reads 500,000 detection masks; pycocotools and faster-coco-eval decode each
 mask's string once per question (area, box, ...), at a few microseconds a call. Here one call decodes a
-whole list and answers both, with pycocotools' exact definitions (``rleArea``, ``rleToBbox``).
+whole list and answers both, with pycocotools' definitions (``rleArea``, ``rleToBbox``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ def rle_counts(rle: dict[str, Any]) -> np.ndarray:
 
 def areas_and_boxes(rles: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
     """Mask areas ``[N]`` (int64) and boxes ``[N, 4]`` (x, y, w, h as float64) of compressed RLEs:
-    the same numbers as pycocotools' ``mask.area`` and ``mask.toBbox``."""
+    the same numbers as pycocotools' ``mask.area`` and ``mask.toBbox`` for RLEs that pycocotools
+    encoded (its ``toBbox`` also counts a pixel next to an empty run, which no encoder writes)."""
     strings = [_as_bytes(r["counts"]) for r in rles]
     offsets = np.zeros(len(strings) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in strings], out=offsets[1:])
@@ -70,28 +71,26 @@ def _areas_and_boxes(
         m = _decode(data[offsets[i] : offsets[i + 1]], counts)
         for j in range(1, m, 2):
             areas[i] += counts[j]
-        boxes[i] = _rle_to_bbox(counts[:m], sizes[i, 0])
+        x, y, w, h = foreground_box(counts[:m], sizes[i, 0])
+        boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3] = x, y, w, h
     return areas, boxes
 
 
 @numba.njit(cache=True, nogil=True)
-def _rle_to_bbox(counts: np.ndarray, h: int) -> np.ndarray:
-    """pycocotools' ``rleToBbox`` for one mask of height ``h``: a trailing background run is ignored,
-    and a run that wraps into the next column spans the full height."""
-    box = np.zeros(4, dtype=np.float64)
-    m = (counts.shape[0] // 2) * 2
-    if m == 0:
-        return box
-    xs, ys, xe, ye, xp, cc = 1 << 62, 1 << 62, 0, 0, 0, 0
-    for j in range(m):
-        cc += counts[j]
-        t = cc - j % 2
-        y = t % h
-        x = (t - y) // h
-        if j % 2 == 0:
-            xp = x
-        elif xp < x:
-            ys, ye = 0, h - 1
-        xs, xe, ys, ye = min(xs, x), max(xe, x), min(ys, y), max(ye, y)
-    box[0], box[1], box[2], box[3] = xs, ys, xe - xs + 1, ye - ys + 1
-    return box
+def foreground_box(counts: np.ndarray, h: int) -> tuple[int, int, int, int]:
+    """``(x0, y0, ncols, nrows)`` of the foreground of column-major run lengths; zeros when empty."""
+    x0, y0, x1, y1 = 1 << 62, 1 << 62, -1, -1
+    start = 0
+    for i in range(counts.shape[0]):
+        end = start + counts[i]
+        if i % 2 == 1 and end > start:
+            first, last = start // h, (end - 1) // h
+            x0, x1 = min(x0, first), max(x1, last)
+            if first == last:
+                y0, y1 = min(y0, start - first * h), max(y1, end - 1 - last * h)
+            else:  # crosses a column end: covers the bottom row of one column and the top of the next
+                y0, y1 = 0, h - 1
+        start = end
+    if x1 < 0:
+        return 0, 0, 0, 0
+    return x0, y0, x1 - x0 + 1, y1 - y0 + 1
