@@ -5,16 +5,26 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PROJECT := $(VENV)/.project
+SOURCES := $(shell git ls-files model components pipelines 2>/dev/null)
 
 .PHONY: demo test lint format tools lock clean-venv
 
+# The dependencies, pinned by constraints.txt (slow: only when the pins change).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt '.[dev]'
 	touch $(STAMP)
 
+# The project itself, installed like the image installs it (a wheel, not an editable link), so the tests
+# and `dvc repro` run what users and containers run; refreshed whenever a source file changes.
+$(PROJECT): $(STAMP) $(SOURCES)
+	$(BIN)/pip install --quiet --no-deps --force-reinstall -c constraints.txt .
+	rm -rf build *.egg-info
+	touch $(PROJECT)
+
 # DVC stages call `atmask`, so the venv's bin goes first on PATH.
-demo: $(STAMP)
+demo: $(PROJECT)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	@cat reports/ablations.md
 	@echo
@@ -24,7 +34,7 @@ demo: $(STAMP)
 tools: $(STAMP)
 	bash .ci/tools.sh
 
-test: $(STAMP) tools
+test: $(PROJECT) tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
 
 lint: $(STAMP)

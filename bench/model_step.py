@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from components.params import load_params
-from components.train import amp_dtype
+from components.train_recipe import amp_dtype
 from model import ModelConfig, build_model
 
 ABLATIONS = ("baseline", "atmask")

@@ -1,6 +1,6 @@
 """Training throughput of ``atmask`` vs the Mask R-CNN ``baseline``, measured side by side in one run.
 
-Runs the real training step of ``atmask train`` (components.train.step: autocast, loss, finite check,
+Runs the real training step of ``atmask train`` (components.train_loop.step: autocast, loss, finite check,
 backward, SGD, scheduler) through a real DataLoader, alternating the two models in rounds so both see the
 same machine state, and prints per ablation: images/s, seconds/step, peak GPU memory and the data
 loader's share of step time (time spent waiting for the next batch); then the step-time ratio
@@ -28,7 +28,8 @@ import torch
 
 from components import distributed as dist_utils
 from components.params import load_params
-from components.train import amp_dtype, build_loop, make_loader, step, to_device
+from components.train_loop import LoopSettings, build_loop, step
+from components.train_recipe import amp_dtype, make_loader, to_device
 from model.data import CocoInstances, collate
 
 ABLATIONS = ("baseline", "atmask")
@@ -116,9 +117,10 @@ class Runner:
         cfg = dataclasses.replace(cfg, num_classes=num_classes)
         self.cfg = cfg
         torch.manual_seed(0)
-        self.loop = build_loop(params, cfg, tp, info)
+        dtype = amp_dtype(tp.amp, info.device)
+        self.loop = build_loop(cfg, tp, info, dtype, params.source)
         self.batches = iter(loader)
-        self.tp, self.info, self.dtype = tp, info, amp_dtype(tp.amp, info.device)
+        self.info, self.settings = info, LoopSettings(tp, info, Path("."), dtype)
         self.step_seconds: list[float] = []
         self.data_seconds = 0.0
         self.peak_bytes = 0
@@ -133,7 +135,7 @@ class Runner:
             images, targets = next(self.batches)
             images, targets = to_device(images, targets, self.info.device)
             t1 = time.perf_counter()
-            step(self.loop, images, targets, self.tp, self.info, self.dtype)  # syncs once (finite check)
+            step(self.loop, images, targets, self.settings)  # syncs once (finite check)
             self.loop.iteration += 1
             if cuda:
                 torch.cuda.synchronize()
@@ -146,7 +148,7 @@ class Runner:
     def summary(self) -> dict[str, float]:
         total = sum(self.step_seconds)
         return {
-            "img_s": len(self.step_seconds) * self.tp.batch_size / total,
+            "img_s": len(self.step_seconds) * self.settings.recipe.batch_size / total,
             "step_s": statistics.median(self.step_seconds),
             "data_share": self.data_seconds / total,
             "peak_gib": self.peak_bytes / 2**30,

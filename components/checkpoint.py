@@ -165,9 +165,19 @@ def save_checkpoint(run_dir: Path, iteration: int, state: dict[str, Any], keep: 
     path = checkpoint_path(run_dir, iteration)
     _save_atomic({**state, "iteration": iteration}, path)
     for old in list_checkpoints(run_dir)[max(keep, 2) :]:
-        old.unlink(missing_ok=True)
-        old.with_name(old.name + ".sha256").unlink(missing_ok=True)
+        _remove(old)
     return path
+
+
+def remove_checkpoints(run_dir: Path) -> None:
+    """Forget a run's checkpoints (``--no-resume``): the next run starts over."""
+    for old in list_checkpoints(run_dir):
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+    path.with_name(path.name + ".sha256").unlink(missing_ok=True)
 
 
 def _verify(path: Path) -> str | None:

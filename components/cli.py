@@ -1,7 +1,9 @@
-"""The ``atmask`` command line: one entry point for users, DVC stages and KFP components.
+"""The step commands of ``atmask`` (ingest, train, evaluate, report, register, promote, predict).
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``.
-Modules are imported only when their subcommand runs, so ``atmask --help`` stays fast.
+Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules
+are imported only when their command runs, so ``atmask --help`` stays fast. This module knows only the
+steps: the full ``atmask`` entry point, one layer up, adds the pipeline's commands to these.
+``python -m components.cli train ...`` is what ``torchrun`` workers run.
 """
 
 from __future__ import annotations
@@ -9,34 +11,35 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 from components.errors import UserError
 
-# name -> (module, one-line summary)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "ingest": (
-        "components.ingest",
-        "validate and normalise a COCO dataset (local, s3://, https://, synthetic)",
+
+class Command(NamedTuple):
+    module: str  # exposes add_arguments(parser) and run(args) -> int
+    summary: str
+
+
+STEP_COMMANDS: dict[str, Command] = {
+    "ingest": Command(
+        "components.ingest", "validate and normalise a COCO dataset (local, s3://, https://, synthetic)"
     ),
-    "train": ("components.train", "train the baseline or an ATMask ablation"),
-    "evaluate": ("components.evaluate", "COCO bbox/segm/boundary AP, threshold sweep and pictures for a run"),
-    "report": ("components.report", "ablation tables (paper Tables 2-5) from measured runs"),
-    "register": ("components.register", "log a run to the MLflow Model Registry, gated promotion"),
-    "promote": ("components.promote", "manually move the champion alias to a model version"),
-    "predict": ("components.predict", "run a trained or registered model on images"),
-    "pipeline": ("pipelines.cli", "compile, submit or locally run the Kubeflow pipeline"),
-    "image": ("pipelines.image", "build and push the container image"),
+    "train": Command("components.train", "train the baseline or an ATMask ablation"),
+    "evaluate": Command(
+        "components.evaluate", "COCO bbox/segm/boundary AP, threshold sweep and pictures for a run"
+    ),
+    "report": Command("components.report", "ablation tables (paper Tables 2-5) from measured runs"),
+    "register": Command("components.register", "log a run to the MLflow Model Registry, gated promotion"),
+    "promote": Command("components.promote", "manually move the champion alias to a model version"),
+    "predict": Command("components.predict", "run a trained or registered model on images"),
 }
 
 
-def _available() -> dict[str, tuple[str, str]]:
-    return {name: spec for name, spec in SUBCOMMANDS.items() if importlib.util.find_spec(spec[0]) is not None}
-
-
-def _top_level_help(commands: dict[str, tuple[str, str]]) -> str:
+def top_level_help(commands: Mapping[str, Command]) -> str:
     width = max(len(n) for n in commands)
-    rows = "\n".join(f"  {name.ljust(width)}  {summary}" for name, (_, summary) in commands.items())
+    rows = "\n".join(f"  {name.ljust(width)}  {cmd.summary}" for name, cmd in commands.items())
     return (
         "usage: atmask <command> [options]\n\n"
         "ATMask R-CNN: train, evaluate and ship adaptive-threshold Mask R-CNN.\n\n"
@@ -45,11 +48,14 @@ def _top_level_help(commands: dict[str, tuple[str, str]]) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def dispatch(commands: Mapping[str, Command], argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) against ``commands`` and run the chosen one.
+
+    A ``UserError`` becomes one line on stderr and exit status 1; Ctrl-C exits 130.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = _available()
     if not argv or argv[0] in ("-h", "--help"):
-        print(_top_level_help(commands))
+        print(top_level_help(commands))
         return 0
     if argv[0] in ("-V", "--version"):
         from importlib.metadata import version
@@ -60,9 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in commands:
         print(f"atmask: unknown command {name!r}; choose one of: {', '.join(commands)}", file=sys.stderr)
         return 2
-    module_name, summary = commands[name]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"atmask {name}", description=summary)
+    module = importlib.import_module(commands[name].module)
+    parser = argparse.ArgumentParser(prog=f"atmask {name}", description=commands[name].summary)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
     try:
@@ -73,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"atmask {name}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The step commands only (what pipeline tasks and torchrun workers call)."""
+    return dispatch(STEP_COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -111,6 +111,19 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def collective_check(check: Callable[[], object], info: DistInfo) -> None:
+    """Run ``check`` on rank 0; every rank raises its ``UserError`` (no rank is left waiting)."""
+    message = None
+    if info.is_main:
+        try:
+            check()
+        except UserError as err:
+            message = str(err)
+    message = broadcast_object(message, info)
+    if message:
+        raise UserError(str(message))
 
 
 def relaunch(nproc_per_node: int, nnodes: int, argv: Sequence[str], rdzv_endpoint: str | None = None) -> int:

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from components.checkpoint import save_model
-from components.cli import main as atmask
 from model.builder import build_model
 from model.config import ModelConfig
 from model.data import CocoInstances, collate
+from pipelines.main import main as atmask
 
 TINY_MODEL = {
     "backbone": "resnet18",

@@ -60,7 +60,7 @@ def write_params(path: Path, **recipe: object) -> Path:
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 train / 4 val synthetic 64x64 images in the layout 'atmask ingest' writes."""
-    from components.cli import main
+    from pipelines.main import main
 
     out = tmp_path_factory.mktemp("tiny-coco") / "coco"
     argv = ["ingest", "--source", "synthetic", "--out", str(out), "--synthetic-train-images", "8"]

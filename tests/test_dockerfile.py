@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.cli import main as atmask
 from components.errors import UserError
 from pipelines import image
+from pipelines.main import main as atmask
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")

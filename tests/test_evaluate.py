@@ -12,9 +12,9 @@ import pytest
 import requests
 from PIL import Image
 
-from components.cli import main as atmask
 from components.coco_eval import evaluate_coco
 from components.evaluate import metric_keys
+from pipelines.main import main as atmask
 
 STATS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"]
 ATMASK_KEYS = (

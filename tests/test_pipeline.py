@@ -11,11 +11,11 @@ from typing import ClassVar
 import pytest
 import yaml
 
-from components.cli import main as atmask
 from components.errors import UserError
 from pipelines import pipeline as pl
 from pipelines import runtime
 from pipelines.cli import COMPILED, parse_params
+from pipelines.main import main as atmask
 
 GPU_TASKS = ("exec-train-op", "exec-evaluate-op")
 

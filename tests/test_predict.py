@@ -12,10 +12,10 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from components.checkpoint import load_trained_model
-from components.cli import main as atmask
 from components.detections import detect, image_to_tensor
 from components.params import load_params
 from components.register import register
+from pipelines.main import main as atmask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,10 @@ import yaml
 from pycocotools import mask as mask_util
 
 from components.checkpoint import load_trained_model
-from components.cli import main as atmask
 from components.params import load_params
 from components.pyfunc_model import OUTPUT_COLUMNS, detect, encode_image
 from components.register import Candidate, gate, register
+from pipelines.main import main as atmask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

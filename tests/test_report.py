@@ -11,12 +11,12 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from components.cli import main as atmask
 from components.evaluate import ablation_tags
 from components.params import load_params
 from components.report import COLUMNS, report
 from components.tracking import mlflow_key
 from model.config import ModelConfig
+from pipelines.main import main as atmask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE_SEEDS = [

@@ -10,9 +10,9 @@ import pytest
 import requests
 from fixtures_train import write_params
 
-from components.cli import main
 from components.errors import UserError
 from components.tracking import RunTracker, check_reachable, flat_params, retry, tracking_uri
+from pipelines.main import main
 
 pytestmark = pytest.mark.integration
 
