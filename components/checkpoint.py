@@ -26,12 +26,11 @@ from torch import nn
 
 from components.errors import UserError
 from components.io import atomic_path, write_text_atomic
-from model.builder import build_model
+from components.run_layout import CHECKPOINT_DIR, MODEL_FILE
+from model.builder import build_model, load_file
 from model.config import ConfigError, ModelConfig
 
 MODEL_FORMAT_VERSION = 1
-MODEL_FILE = "model.pt"
-CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^ckpt_(\d+)\.pt$")
 
 
@@ -79,11 +78,9 @@ def load_trained_model(
     if not path.is_file():
         raise UserError(f"{path}: no trained model here; run 'atmask train' first or give the model.pt path")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UserError(
-            f"{path}: cannot be read as a model.pt ({err}); re-run training to rewrite it"
-        ) from None
+        payload = load_file(path, key="model.pt")
+    except ConfigError as err:
+        raise UserError(f"{err}; re-run training to rewrite it") from None
     if not isinstance(payload, dict) or payload.get("format_version") != MODEL_FORMAT_VERSION:
         version = payload.get("format_version") if isinstance(payload, dict) else None
         raise UserError(

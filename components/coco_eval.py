@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,20 @@ def _empty_results(coco_cls: type, gt: Any) -> Any:
 _BAND_IOU_FLOOR = 0.5 - 1e-6
 
 
+class BandCache:
+    """Each annotation's boundary band, computed once per evaluation, on first use."""
+
+    def __init__(self, make_band: Callable[[dict[str, Any]], Any]) -> None:
+        self._make_band = make_band
+        self._bands: dict[tuple[str, int], Any] = {}
+
+    def __call__(self, kind: str, ann: dict[str, Any]) -> Any:
+        key = (kind, ann["id"])
+        if key not in self._bands:
+            self._bands[key] = self._make_band(ann)
+        return self._bands[key]
+
+
 def _faster_boundary_cls() -> type:
     from faster_coco_eval import COCOeval_faster
 
@@ -90,14 +104,7 @@ def _faster_boundary_cls() -> type:
 
         def __init__(self, coco_gt: Any, coco_dt: Any, dilation_ratio: float, **kwargs: Any) -> None:
             super().__init__(coco_gt, coco_dt, "segm", **kwargs)
-            self.dilation_ratio = dilation_ratio
-            self._bands: dict[tuple[str, int], Any] = {}
-
-        def _band(self, kind: str, ann: dict[str, Any]) -> Any:
-            key = (kind, ann["id"])
-            if key not in self._bands:
-                self._bands[key] = rle_band(ann["rle"], self.dilation_ratio)
-            return self._bands[key]
+            self._band = BandCache(lambda ann: rle_band(ann["rle"], dilation_ratio))
 
         def computeIoU(self, imgId: int, catId: int) -> Any:
             ious = super().computeIoU(imgId, catId)
@@ -184,14 +191,7 @@ def _boundary_cocoeval_cls() -> type:
 
         def __init__(self, coco_gt: Any, coco_dt: Any, dilation_ratio: float) -> None:
             super().__init__(coco_gt, coco_dt, "segm")
-            self.dilation_ratio = dilation_ratio
-            self._bands: dict[tuple[str, int], dict[str, Any]] = {}
-
-        def _band(self, kind: str, ann: dict[str, Any]) -> dict[str, Any]:
-            key = (kind, ann["id"])
-            if key not in self._bands:
-                self._bands[key] = rle_boundary(ann["segmentation"], self.dilation_ratio)
-            return self._bands[key]
+            self._band = BandCache(lambda ann: rle_boundary(ann["segmentation"], dilation_ratio))
 
         def computeIoU(self, imgId: int, catId: int) -> Any:
             ious = super().computeIoU(imgId, catId)

@@ -119,12 +119,16 @@ class CocoJsonReader:
             return
         while True:
             yield self._value()
-            nxt = self._peek()
-            self._pos += 1
-            if nxt == "]":
+            if self._closed("]", "in an array"):
                 return
-            if nxt != ",":
-                raise self._fail(f"expected ',' or ']' in an array, found {nxt!r}", self._pos - 1)
+
+    def _closed(self, close: str, where: str) -> bool:
+        """After a member: True at ``close`` (consumed), False at ``,`` (consumed), else a parse error."""
+        nxt = self._peek()
+        self._pos += 1
+        if nxt not in (close, ","):
+            raise self._fail(f"expected ',' or {close!r} {where}, found {nxt!r}", self._pos - 1)
+        return nxt == close
 
     def items(self) -> Iterator[tuple[str, Any]]:
         first = self._peek()
@@ -146,11 +150,7 @@ class CocoJsonReader:
                 yield key, self._array()
             else:
                 yield key, self._value()
-            nxt = self._peek()
-            self._pos += 1
-            if nxt == "}":
+            if self._closed("}", f"after the value of {key!r}"):
                 break
-            if nxt != ",":
-                raise self._fail(f"expected ',' or '}}' after the value of {key!r}", self._pos - 1)
         if self._peek():
             raise self._fail("extra data after the top-level object")

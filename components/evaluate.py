@@ -22,28 +22,24 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_util
-from torchvision.transforms.functional import pil_to_tensor
-from tqdm import tqdm
 
 from components import plots
 from components.checkpoint import MODEL_FILE, load_trained_model, sha256_file
 from components.coco_eval import IOU_TYPES, STAT_NAMES, EvalResult, check_results_match, evaluate_coco
 from components.distributed import resolve_device
 from components.errors import UserError
+from components.eval_inference import Inference, Split, check_categories, load_split, run_inference
 from components.io import write_json_atomic
-from components.params import Params, load_params
+from components.params import EvaluateParams, Params, load_params
 from components.run_layout import INFO_FILE, METRICS_FILE
 from components.tracking import check_reachable, mlflow_key, read_mlflow_run, tracking_uri
 from model.binarize import differentiable_binarization
@@ -65,182 +61,32 @@ def metric_keys(fixed_thresholds: list[float], atmask: bool) -> list[str]:
     return [*keys, "eval/num_images", "eval/num_detections"]
 
 
-# ------------------------------------------------------------------ data
-
-
-@dataclass(frozen=True)
-class Split:
-    gt: dict[str, Any]
-    image_dir: Path
-    annotations: Path
-    checksum: str | None
-
-
-def load_split(data_dir: Path, split: str) -> Split:
-    """Ground truth and image folder of ``DIR/annotations/instances_<split>.json`` + ``DIR/images/<split>``."""
-    ann_path = data_dir / "annotations" / f"instances_{split}.json"
-    if not ann_path.is_file():
-        raise UserError(
-            f"{ann_path}: no annotations for split {split!r}; run 'atmask ingest' or pick --split"
-        )
-    try:
-        gt = json.loads(ann_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserError(f"{ann_path}: not valid JSON ({err}); re-run 'atmask ingest'") from None
-    if not gt.get("images"):
-        raise UserError(f"{ann_path}: the {split!r} split has no images; nothing to evaluate")
-    gt.setdefault("annotations", [])
-    manifest = data_dir / "manifest.json"
-    checksum = (
-        json.loads(manifest.read_text(encoding="utf-8")).get("checksum") if manifest.is_file() else None
-    )
-    return Split(gt, data_dir / "images" / split, ann_path, checksum)
-
-
-def check_categories(
-    model_cats: list[dict[str, Any]], gt: dict[str, Any], model_path: Path, ann: Path
-) -> None:
-    ours = sorted((c["id"], c["name"]) for c in model_cats)
-    theirs = sorted((c["id"], c["name"]) for c in gt.get("categories", []))
-    if ours != theirs:
-        raise UserError(
-            f"{model_path} was trained on categories {ours[:5]}, but {ann} has {theirs[:5]}; "
-            "evaluate on the dataset the run was trained on"
-        )
-
-
-def read_image(path: Path) -> torch.Tensor:
-    try:
-        with Image.open(path) as img:
-            return pil_to_tensor(img.convert("RGB")).float() / 255.0
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: cannot read the image ({err}); re-run 'atmask ingest'") from None
-
-
-def batches(split: Split, batch_size: int) -> Iterator[list[tuple[dict[str, Any], torch.Tensor]]]:
-    images = sorted(split.gt["images"], key=lambda im: im["id"])
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        yield [(im, read_image(split.image_dir / im["file_name"])) for im in chunk]
-
-
-# ------------------------------------------------------------------ inference
-
-
-def encode_masks(binary: torch.Tensor) -> list[dict[str, Any]]:
-    """[N, H, W] bool -> compressed RLEs with str counts (JSON-ready)."""
-    if binary.shape[0] == 0:
-        return []
-    arr = np.asfortranarray(binary.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    rles = mask_util.encode(arr)
-    for rle in rles:
-        rle["counts"] = rle["counts"].decode("ascii")
-    return rles
-
-
-def to_results(
-    image_id: int, out: dict[str, torch.Tensor], label_to_cat: list[int], rles: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    boxes = out["boxes"].cpu().numpy()
-    return [
-        {
-            "image_id": image_id,
-            "category_id": label_to_cat[int(label) - 1],
-            "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],
-            "score": float(score),
-            "segmentation": rle,
-        }
-        for (x1, y1, x2, y2), label, score, rle in zip(boxes, out["labels"], out["scores"], rles, strict=True)
-    ]
-
-
-def binarizations(
-    out: dict[str, torch.Tensor], thresholds: list[float], atmask: bool
-) -> dict[str, torch.Tensor]:
-    """Final masks (``masks >= 0.5``) and the sweep's: P >= t for each t, and P >= T for ATMask."""
-    prob = out["prob_masks"][:, 0]
-    variants = {"final": out["masks"][:, 0] >= 0.5}
-    variants.update({f"{t:g}": prob >= t for t in thresholds})
-    if atmask:
-        variants["adaptive"] = prob >= out["thr_masks"][:, 0]
-    return variants
-
-
-@dataclass
-class Inference:
-    results: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # variant -> COCO results
-    samples: dict[int, dict[str, Any]] = field(default_factory=dict)  # image id -> image + outputs
-    seconds: float = 0.0
-
-
-def sample_ids(gt: dict[str, Any], count: int) -> list[int]:
-    """A fixed, evenly spaced sample of image ids (the same for every run on this split)."""
-    ids = sorted(im["id"] for im in gt["images"])
-    if count <= 0:
-        return []
-    picks = np.unique(np.linspace(0, len(ids) - 1, min(count, len(ids))).round().astype(int))
-    return [ids[i] for i in picks]
-
-
-def run_inference(
-    model: torch.nn.Module,
-    cfg: ModelConfig,
-    cats: list[dict[str, Any]],
-    split: Split,
-    params: Params,
-    device: torch.device | None = None,
-) -> Inference:
-    ev = params.evaluate
-    label_to_cat = [c["id"] for c in cats]
-    keep = set(sample_ids(split.gt, ev.num_samples))
-    inf = Inference()
-    start = time.perf_counter()
-    total = -(-len(split.gt["images"]) // ev.batch_size)
-    for batch in tqdm(
-        batches(split, ev.batch_size),
-        total=total,
-        desc="evaluate",
-        unit="batch",
-        file=sys.stderr,
-        disable=None,  # no bar when stderr is not a terminal (DVC, KFP and CI logs)
-    ):
-        outputs = predict_with_maps(model, [img.to(device or "cpu", non_blocking=True) for _, img in batch])
-        for (im, img), out in zip(batch, outputs, strict=True):
-            out = {
-                **out,
-                "boxes": out["boxes"].cpu(),
-                "labels": out["labels"].cpu(),
-                "scores": out["scores"].cpu(),
-            }
-            for name, binary in binarizations(out, ev.fixed_thresholds, cfg.is_atmask).items():
-                inf.results.setdefault(name, []).extend(
-                    to_results(im["id"], out, label_to_cat, encode_masks(binary))
-                )
-            if im["id"] in keep:
-                inf.samples[im["id"]] = {"image": img, **{k: v.cpu() for k, v in out.items()}}
-    inf.seconds = time.perf_counter() - start
-    return inf
-
-
 # ------------------------------------------------------------------ metrics
+
+
+def coco_metrics(
+    gt: dict[str, Any], detections: list[dict[str, Any]], ev: EvaluateParams
+) -> tuple[dict[str, float], dict[str, EvalResult]]:
+    """``{"<iou_type>/<stat>": value}`` and the full results, for bbox, segm and boundary."""
+    results = {
+        iou_type: evaluate_coco(
+            gt,
+            detections,
+            iou_type,
+            evaluator=ev.evaluator,
+            boundary_dilation_ratio=ev.boundary_dilation_ratio,
+        )
+        for iou_type in IOU_TYPES
+    }
+    metrics = {f"{t}/{stat}": value for t, res in results.items() for stat, value in res.stats.items()}
+    return metrics, results
 
 
 def compute_metrics(split: Split, inf: Inference, params: Params, atmask: bool) -> tuple[dict, dict]:
     """``(metrics.json dict, {iou_type: EvalResult})`` of the final detections plus the threshold sweep."""
     ev = params.evaluate
     final = inf.results.get("final", [])
-    results: dict[str, EvalResult] = {}
-    metrics: dict[str, float] = {}
-    for iou_type in IOU_TYPES:
-        res = evaluate_coco(
-            split.gt,
-            final,
-            iou_type,
-            evaluator=ev.evaluator,
-            boundary_dilation_ratio=ev.boundary_dilation_ratio,
-        )
-        results[iou_type] = res
-        metrics.update({f"{iou_type}/{stat}": value for stat, value in res.stats.items()})
+    metrics, results = coco_metrics(split.gt, final, ev)
     variants = [f"{t:g}" for t in ev.fixed_thresholds] + (["adaptive"] if atmask else [])
     for name in variants:
         res = evaluate_coco(split.gt, inf.results.get(name, []), "segm", evaluator=ev.evaluator)
@@ -474,18 +320,7 @@ def evaluate_results(params: Params, results_path: Path, data_dir: Path, split: 
     if not isinstance(results, list):
         raise UserError(f"{results_path}: expected a COCO results list of detections")
     check_results_match(data.gt, results, str(results_path))
-    ev = params.evaluate
-    metrics = {}
-    for iou_type in IOU_TYPES:
-        res = evaluate_coco(
-            data.gt,
-            results,
-            iou_type,
-            evaluator=ev.evaluator,
-            boundary_dilation_ratio=ev.boundary_dilation_ratio,
-        )
-        metrics.update({f"{iou_type}/{stat}": value for stat, value in res.stats.items()})
-    return metrics
+    return coco_metrics(data.gt, results, params.evaluate)[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

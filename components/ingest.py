@@ -38,7 +38,7 @@ from components.coco_validate import (
     merge_categories,
 )
 from components.errors import UserError
-from components.ingest_images import CHECK_MODES, ImageOutcome, process_image
+from components.ingest_images import ImageOutcome, process_image
 from components.ingest_sources import (
     COCO2017_BASE_URL,
     HttpSource,
@@ -51,6 +51,8 @@ from components.ingest_sources import (
     parse_http_source,
 )
 from components.io import atomic_dir, write_json_atomic
+from components.params import CHECK_MODES
+from components.run_layout import MANIFEST_FILE
 from components.synthetic import SyntheticConfig
 
 INGEST_VERSION = "1"
@@ -327,7 +329,7 @@ def make_source(
 
 def _up_to_date(out: Path, fingerprint: str, splits: tuple[str, ...]) -> dict[str, Any] | None:
     try:
-        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if manifest.get("source_fingerprint") != fingerprint:
@@ -381,7 +383,7 @@ def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], st
         "checksum": checksum,
         "problems": report["summary"],
     }
-    write_json_atomic(tmp / "manifest.json", manifest)
+    write_json_atomic(tmp / MANIFEST_FILE, manifest)
     return manifest
 
 

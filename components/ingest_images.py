@@ -20,7 +20,6 @@ from PIL import Image, ImageOps
 
 ORIENTATION_TAG = 0x0112
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
-CHECK_MODES = ("full", "header")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from components.errors import UserError
+from components.s3 import s3_client
 from components.synthetic import GENERATOR_VERSION, SyntheticConfig, generate
 
 ANNOTATION_NAMES = ("instances_{s}.json", "instances_{s}2017.json")
@@ -127,18 +128,6 @@ class SyntheticSource:
 
 
 # ---------------------------------------------------------------- S3
-
-
-def s3_client(endpoint_url: str | None):
-    import boto3
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    session = boto3.session.Session()
-    config = Config(retries={"max_attempts": 3, "mode": "standard"}, max_pool_connections=32)
-    if session.get_credentials() is None:
-        config = config.merge(Config(signature_version=UNSIGNED))  # public bucket, anonymous access
-    return session.client("s3", endpoint_url=endpoint_url, config=config)
 
 
 @dataclass

@@ -1,7 +1,15 @@
 """params.yaml -> typed objects, validated once at the edge (DESIGN.md §6).
 
 Every section is a frozen dataclass. Unknown keys, wrong types and out-of-range values raise
-``UserError`` naming the file and the dotted key, e.g. ``params.yaml: train.lr: must be > 0, got -0.1``.
+``UserError`` naming the file and the dotted key, e.g. ``params.yaml: recipes.cpu_demo.lr: must be > 0``.
+
+Ablations: the paper's named configurations live in one place, ``model.config.ABLATIONS``. An entry under
+``ablations:`` for one of those names states only its differences (``thr: {k: 2.0}``); a new name either
+starts from one of them (``base: atmask``, then the differences, as Detectron2's ``_BASE_``) or spells out
+every switch, so that a typo'd name is an error rather than a silent extra run.
+
+Model: ``model:`` holds the shared keys (the paper's R50-FPN settings); a recipe's ``model:`` overrides
+them (the CPU demo's small backbone and images live in ``recipes.cpu_demo.model``).
 """
 
 from __future__ import annotations
@@ -17,11 +25,47 @@ from typing import Any
 import yaml
 
 from components.errors import UserError
-from components.ingest_images import CHECK_MODES
-from components.synthetic import SyntheticConfig
-from model.config import ABLATIONS, ConfigError, HeadConfig, ModelConfig
+from model.config import ABLATIONS, ConfigError, HeadConfig, ModelConfig, check_choice, check_positive
 
 DEFAULT_PARAMS = Path("params.yaml")
+CHECK_MODES = ("full", "header")  # ingest's image checks: decode every image | read the header only
+SYNTHETIC_SHAPES = 6  # shape categories the synthetic generator draws (components.synthetic.SHAPES)
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Size and seed of the embedded dataset (params.yaml ``data.synthetic``)."""
+
+    seed: int = field(default=0, metadata={"range": (0, 2**32 - 1)})
+    train_images: int = field(default=64, metadata={"range": (1, 10**7)})
+    val_images: int = field(default=16, metadata={"range": (1, 10**7)})
+    image_size: int = field(default=128, metadata={"range": (32, 4096)})
+    num_categories: int = field(default=3, metadata={"range": (1, SYNTHETIC_SHAPES)})
+    max_instances: int = field(default=4, metadata={"range": (1, 50)})
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            key, (low, high) = f.name, f.metadata["range"]
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"data.synthetic.{key}: expected an integer, got {value!r}")
+            if not low <= value <= high:
+                raise UserError(f"data.synthetic.{key}: {value} is out of range; use {low}..{high}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> SyntheticConfig:
+        """Build from the ``data.synthetic`` mapping of params.yaml; unknown keys are an error."""
+        data = dict(data or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in data:
+            if key not in known:
+                raise UserError(
+                    f"data.synthetic.{key}: unknown key in params; allowed keys: {', '.join(sorted(known))}"
+                )
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -43,12 +87,9 @@ class DataParams:
     def __post_init__(self) -> None:
         if not self.splits:
             raise ConfigError("splits: give at least one split, e.g. [train, val]")
-        if self.image_check not in CHECK_MODES:
-            raise ConfigError(
-                f"image_check: {self.image_check!r} is not allowed; choose one of {', '.join(CHECK_MODES)}"
-            )
+        check_choice("image_check", self.image_check, CHECK_MODES)
         if self.workers is not None:
-            _check_positive("workers", self.workers)
+            check_positive("workers", self.workers)
 
 
 @dataclass(frozen=True)
@@ -82,21 +123,18 @@ class TrainParams:
     model: dict[str, Any] = field(default_factory=dict)  # model keys this recipe overrides
 
     def __post_init__(self) -> None:
-        _check_positive("lr", self.lr)
+        check_positive("lr", self.lr)
         for key in ("batch_size", "base_batch_size", "iterations", "checkpoint_every", "log_every"):
-            _check_positive(key, getattr(self, key))
+            check_positive(key, getattr(self, key))
         for key in ("warmup_iters", "workers", "keep_checkpoints", "momentum", "weight_decay", "lr_gamma"):
-            _check_positive(key, getattr(self, key), allow_zero=True)
+            check_positive(key, getattr(self, key), allow_zero=True)
         if not 0 <= self.hflip_prob <= 1:
             raise ConfigError(f"hflip_prob: must be within [0, 1], got {self.hflip_prob!r}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ConfigError(f"optimizer: {self.optimizer!r} is not allowed; choose one of sgd, adamw")
-        if self.amp not in ("auto", "bf16", "fp16", "off"):
-            raise ConfigError(f"amp: {self.amp!r} is not allowed; choose one of auto, bf16, fp16, off")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ConfigError(f"on_nonfinite: {self.on_nonfinite!r} is not allowed; choose one of stop, skip")
+        check_choice("optimizer", self.optimizer, ("sgd", "adamw"))
+        check_choice("amp", self.amp, ("auto", "bf16", "fp16", "off"))
+        check_choice("on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         if self.grad_clip is not None:
-            _check_positive("grad_clip", self.grad_clip)
+            check_positive("grad_clip", self.grad_clip)
         if list(self.lr_steps) != sorted(self.lr_steps) or any(s <= 0 for s in self.lr_steps):
             raise ConfigError(f"lr_steps: must be increasing positive iterations, got {self.lr_steps!r}")
 
@@ -111,14 +149,11 @@ class EvaluateParams:
     evaluator: str = "faster"  # faster (faster-coco-eval, proven equal to pycocotools) | pycocotools
 
     def __post_init__(self) -> None:
-        if self.evaluator not in ("faster", "pycocotools"):
-            raise ConfigError(
-                f"evaluator: {self.evaluator!r} is not allowed; choose one of faster, pycocotools"
-            )
+        check_choice("evaluator", self.evaluator, ("faster", "pycocotools"))
         if any(not 0 < t < 1 for t in self.fixed_thresholds):
             raise ConfigError(f"fixed_thresholds: each must be within (0, 1), got {self.fixed_thresholds!r}")
-        _check_positive("boundary_dilation_ratio", self.boundary_dilation_ratio)
-        _check_positive("batch_size", self.batch_size)
+        check_positive("boundary_dilation_ratio", self.boundary_dilation_ratio)
+        check_positive("batch_size", self.batch_size)
 
 
 @dataclass(frozen=True)
@@ -182,7 +217,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Mapping[str, Any] 
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected a mapping of sections at the top level")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     try:
         return _parse(raw, path)
     except ConfigError as err:
@@ -194,10 +229,7 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
     _reject_unknown(raw, known, "")
     model = dict(raw.get("model") or {})
     _reject_unknown(model, {f.name for f in dataclasses.fields(ModelConfig)} - {"ablation", "head"}, "model.")
-    ablations = {
-        name: _build(HeadConfig, _check_ablation(name, spec), f"ablations.{name}.")
-        for name, spec in (raw.get("ablations") or {}).items()
-    }
+    ablations = {name: ablation_head(name, spec) for name, spec in (raw.get("ablations") or {}).items()}
     if not ablations:
         raise ConfigError("ablations: define at least one ablation (e.g. baseline, atmask)")
     recipes = {
@@ -232,27 +264,41 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
     return params
 
 
-# A new ablation spells these out, so that a typo'd name (``-S ablations.atmsk.k=1``) is an error rather
-# than a silent extra run with default switches.
+# A new ablation without a ``base`` spells these out, so that a typo'd name (``-S ablations.atmsk.k=1``)
+# is an error rather than a silent extra run with default switches.
 NEW_ABLATION_KEYS = ("threshold_branch", "p2t_fusion", "t2p_fusion", "rt_source", "k")
 
 
-def _check_ablation(name: str, spec: Any) -> Mapping[str, Any]:
-    spec = spec or {}
-    _reject_unknown(spec, {f.name for f in dataclasses.fields(HeadConfig)}, f"ablations.{name}.")
-    if name in ABLATIONS:
-        return spec
-    needed = NEW_ABLATION_KEYS if spec.get("threshold_branch", True) else NEW_ABLATION_KEYS[:1]
-    missing = [key for key in needed if key not in spec]
-    if missing:
+def ablation_head(name: str, spec: Any) -> HeadConfig:
+    """The head of ``ablations.<name>``: a paper configuration plus the entry's differences."""
+    prefix = f"ablations.{name}."
+    spec = dict(spec or {})
+    _reject_unknown(spec, {f.name for f in dataclasses.fields(HeadConfig)} | {"base"}, prefix)
+    base = spec.pop("base", name if name in ABLATIONS else None)
+    if base is None:
+        needed = NEW_ABLATION_KEYS if spec.get("threshold_branch", True) else NEW_ABLATION_KEYS[:1]
+        missing = [key for key in needed if key not in spec]
+        if missing:
+            raise ConfigError(
+                f"ablations.{name}: unknown ablation; the paper's are {', '.join(ABLATIONS)}. Start from one "
+                f"of them (base: atmask, then what differs) or set {', '.join(needed)} (missing: "
+                f"{', '.join(missing)}); check the name for a typo"
+            )
+        return _build(HeadConfig, spec, prefix)
+    if base not in ABLATIONS:
         raise ConfigError(
-            f"ablations.{name}: unknown ablation; the paper's are {', '.join(ABLATIONS)}. A new ablation "
-            f"must set {', '.join(needed)} (missing: {', '.join(missing)}); check the name for a typo"
+            f"{prefix}base: {base!r} is not one of the paper's ablations ({', '.join(ABLATIONS)})"
         )
-    return spec
+    hints = typing.get_type_hints(HeadConfig)
+    changes = {key: _coerce(value, hints[key], f"{prefix}{key}") for key, value in spec.items()}
+    try:
+        return dataclasses.replace(ABLATIONS[base], **changes)
+    except ConfigError as err:
+        raise ConfigError(f"ablations.{name}: {err}") from None
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """``raw["a"]["b"]["c"] = value`` for ``"a.b.c"``, creating missing sections."""
     *parents, leaf = dotted.split(".")
     node = raw
     for part in parents:
@@ -272,7 +318,7 @@ def _reject_unknown(values: Mapping[str, Any], known: set[str], prefix: str) -> 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     """Instantiate a dataclass from a mapping, checking keys and value types against its annotations."""
-    hints = typing.get_type_hints(cls)
+    hints = {f.name: typing.get_type_hints(cls)[f.name] for f in dataclasses.fields(cls)}
     _reject_unknown(values, set(hints), prefix)
     kwargs = {}
     for name, value in values.items():
@@ -325,14 +371,3 @@ def _describe(hint: Any) -> str:
     if args:
         return " or ".join(names.get(a, getattr(a, "__name__", str(a))) for a in args)
     return names.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _check_positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key}: must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def known_ablations() -> tuple[str, ...]:
-    return tuple(ABLATIONS)

@@ -9,7 +9,8 @@ Sources: ``runs/*/metrics.json`` + ``eval_info.json`` (written by ``atmask evalu
 an experiment (``--experiment``: metrics ``segm_AP`` ..., tag ``ablation`` and ``head.*`` set by evaluate).
 
 Outputs: ``reports/ablations.md`` (percent, one decimal, like the paper) and ``reports/ablations.csv``
-(fractions at full precision: ``<metric>_mean``, ``<metric>_std``), and the Markdown table on stdout.
+(fractions at full precision: ``<metric>_mean``, ``<metric>_std``), the Markdown table on stdout, and
+(from run folders) side-by-side pictures in ``reports/plots/`` (:mod:`components.report_plots`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components import report_plots
 from components.errors import UserError
 from components.io import write_text_atomic
 from components.params import Params, load_params
@@ -197,6 +199,11 @@ def report(
     if not runs:
         raise UserError(f"{where}: no evaluated runs found; run 'atmask evaluate' on the trained runs first")
     rows = group(runs, list(params.ablations))
+    if not experiment:  # run folders of ablations no longer in params.yaml are left out, and said so
+        stale = [r.ablation for r in rows if r.ablation not in params.ablations]
+        if stale:
+            print(f"atmask report: note: skipping runs of {', '.join(stale)} (not under 'ablations:')")
+        rows = [r for r in rows if r.ablation in params.ablations]
     md, table = markdown(rows), csv_text(rows)
     title = (
         f"# Ablations (measured; source: {where})\n\nMask AP in %; mean ± std over runs where runs > 1.\n\n"
@@ -204,6 +211,8 @@ def report(
     out_dir = Path(out_dir)
     write_text_atomic(out_dir / "ablations.csv", table)
     write_text_atomic(out_dir / "ablations.md", title + md)
+    if not experiment:
+        report_plots.render({r.ablation: [Path(s) for s in r.sources] for r in rows}, out_dir / "plots")
     print(md, end="")
     return rows
 

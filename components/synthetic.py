@@ -9,11 +9,9 @@ RLE, taken from the anti-aliased coverage at 0.5, so a model has to get the boun
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 from pycocotools import mask as mask_util
 
-from components.errors import UserError
+from components.params import SyntheticConfig
 
 GENERATOR_VERSION = 2
 SUPERSAMPLE = 4
@@ -30,51 +28,6 @@ SIZE_CLASSES = (("small", 48.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large"
 SIZE_PROBS = (0.35, 0.5, 0.15)
 MIN_VISIBLE_FRACTION = 0.35
 MIN_VISIBLE_PIXELS = 24
-
-
-@dataclass(frozen=True)
-class SyntheticConfig:
-    """Size and seed of the embedded dataset (params.yaml ``data.synthetic``)."""
-
-    seed: int = 0
-    train_images: int = 64
-    val_images: int = 16
-    image_size: int = 128
-    num_categories: int = 3
-    max_instances: int = 4
-
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"data.synthetic.{f.name}: expected an integer, got {value!r}")
-        limits = {
-            "train_images": (1, 10**7),
-            "val_images": (1, 10**7),
-            "image_size": (32, 4096),
-            "num_categories": (1, len(SHAPES)),
-            "max_instances": (1, 50),
-            "seed": (0, 2**32 - 1),
-        }
-        for key, (low, high) in limits.items():
-            value = getattr(self, key)
-            if not low <= value <= high:
-                raise UserError(f"data.synthetic.{key}: {value} is out of range; use {low}..{high}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> SyntheticConfig:
-        """Build from the ``data.synthetic`` mapping of params.yaml; unknown keys are an error."""
-        data = dict(data or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise UserError(
-                    f"data.synthetic.{key}: unknown key in params; allowed keys: {', '.join(sorted(known))}"
-                )
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
 
 
 # ---------------------------------------------------------------- shapes (signed coverage at supersampling)

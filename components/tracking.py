@@ -24,8 +24,8 @@ import requests
 from components.errors import UserError
 from components.io import write_json_atomic
 from components.params import Params
+from components.run_layout import MLFLOW_RUN_FILE
 
-RUN_FILE = "mlflow_run.json"
 DEFAULT_URI = "sqlite:///mlflow.db"
 # MLflow's own HTTP retries back off for minutes by default; ours are shorter and never raise mid-run.
 _FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -140,7 +140,7 @@ def read_mlflow_run(run_dir: Path) -> dict[str, Any] | None:
     """The ``mlflow_run.json`` record training left in ``run_dir`` (None when there is none)."""
     import json
 
-    path = run_dir / RUN_FILE
+    path = run_dir / MLFLOW_RUN_FILE
     if not path.is_file():
         return None
     try:
@@ -198,7 +198,7 @@ class RunTracker:
                 f"({str(err).splitlines()[0][:300]}); check the server and mlflow.experiment in params.yaml"
             ) from None
         write_json_atomic(
-            run_dir / RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
+            run_dir / MLFLOW_RUN_FILE, {"run_id": run_id, "experiment_id": experiment_id, "tracking_uri": uri}
         )
         return cls(uri, run_id, experiment_id)
 
@@ -301,7 +301,7 @@ def _reopen(client: Any, run_dir: Path, uri: str) -> tuple[str | None, str | Non
 
     from mlflow.exceptions import MlflowException
 
-    path = run_dir / RUN_FILE
+    path = run_dir / MLFLOW_RUN_FILE
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("tracking_uri") != uri:

@@ -16,6 +16,7 @@ from torch import nn
 from components import distributed as dist_utils
 from components.errors import UserError
 from components.params import TrainParams
+from components.run_layout import MANIFEST_FILE
 from model.config import ModelConfig
 from model.data import CocoInstances, collate, train_transforms
 
@@ -106,7 +107,7 @@ def load_train_set(data_dir: Path) -> CocoInstances:
 def data_checksum(data_dir: Path) -> str:
     """The ingested dataset's content checksum (manifest.json), or "unknown"."""
     try:
-        return str(json.loads((data_dir / "manifest.json").read_text(encoding="utf-8")).get("checksum"))
+        return str(json.loads((data_dir / MANIFEST_FILE).read_text(encoding="utf-8")).get("checksum"))
     except (OSError, ValueError, AttributeError):
         return "unknown"
 

@@ -15,14 +15,12 @@ from components import checkpoint as ckpt
 from components import distributed as dist_utils
 from components.io import write_json_atomic, write_text_atomic
 from components.params import Params, TrainParams
+from components.run_layout import LOSS_CSV, MODEL_FILE, TRAIN_LOG
 from components.tracking import RunTracker, git_commit
 from components.train_loop import Loop
 from components.train_recipe import amp_dtype, amp_name, data_checksum, scaled_lr
 from model.config import ModelConfig
 from model.data import CocoInstances
-
-LOG_FILE = "train_log.json"
-LOSS_CSV = Path("plots") / "loss.csv"
 
 
 @dataclass(frozen=True)
@@ -55,7 +53,7 @@ class RunContext:
 
 def write_logs(out_dir: Path, loop: Loop, summary: dict[str, Any]) -> None:
     """train_log.json (records + summary) and plots/loss.csv (``step`` + one column per loss)."""
-    write_json_atomic(out_dir / LOG_FILE, {"log": loop.log, "summary": summary})
+    write_json_atomic(out_dir / TRAIN_LOG, {"log": loop.log, "summary": summary})
     keys = sorted({k for r in loop.log for k in r if k.startswith("loss")}, key=lambda k: (k != "loss", k))
     rows = ["step," + ",".join(keys)]
     rows += [f"{r['iteration']}," + ",".join(f"{r.get(k, float('nan')):.6g}" for k in keys) for r in loop.log]
@@ -122,7 +120,7 @@ def finish(ctx: RunContext, loop: Loop, tracker: RunTracker | None, summary: dic
     """Rank 0: model.pt, the logs, and the MLflow run's final metrics and artifacts."""
     out_dir = ctx.out_dir
     categories = ctx.dataset.coco.dataset["categories"]
-    ckpt.save_model(out_dir / ckpt.MODEL_FILE, loop.model, ctx.model, categories)
+    ckpt.save_model(out_dir / MODEL_FILE, loop.model, ctx.model, categories)
     write_logs(out_dir, loop, summary)
     if tracker is None:
         return
@@ -130,7 +128,7 @@ def finish(ctx: RunContext, loop: Loop, tracker: RunTracker | None, summary: dic
         f"train_{k}": float(summary[k]) for k in ("seconds", "skipped_nonfinite") if summary[k] is not None
     }
     tracker.log_metrics(final, step=summary["iterations"])
-    for name in (ckpt.MODEL_FILE, LOG_FILE):
+    for name in (MODEL_FILE, TRAIN_LOG):
         tracker.log_artifact(out_dir / name)
     tracker.log_artifact(out_dir / LOSS_CSV, "plots")
     tracker.end("FINISHED")

@@ -40,7 +40,7 @@ def download_s3_object(url: str, cache: Path, endpoint_url: str | None, *, where
     """The local copy of ``s3://bucket/key`` under ``cache/bucket/key``, downloaded when its ETag changed."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from components.ingest_sources import s3_client
+    from components.s3 import s3_client
 
     parsed = urlparse(url)
     bucket, key = parsed.netloc, parsed.path.lstrip("/")

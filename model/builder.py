@@ -21,6 +21,8 @@ from model.head import ATMaskHead
 from model.roi_heads import ATMaskRoIHeads, ATMaskTransform
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
+IMAGE_MEAN = (0.485, 0.456, 0.406)  # ImageNet statistics, as torchvision's detection models
+IMAGE_STD = (0.229, 0.224, 0.225)
 _RESNET_STAGES = ["layer4", "layer3", "layer2", "layer1", "conv1"]
 
 
@@ -65,6 +67,8 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         num_classes=None,
         min_size=cfg.min_size,
         max_size=cfg.max_size,
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
         rpn_anchor_generator=anchors,
         rpn_head=RPNHead(channels, len(ASPECT_RATIOS)),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n_train,
@@ -75,14 +79,19 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, cfg.num_classes),
         box_detections_per_img=cfg.box_detections_per_img,
         box_score_thresh=cfg.box_score_thresh,
+        box_nms_thresh=cfg.box_nms_thresh,
+        box_fg_iou_thresh=cfg.box_fg_iou_thresh,
+        box_bg_iou_thresh=cfg.box_bg_iou_thresh,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
+        box_positive_fraction=cfg.box_positive_fraction,
         mask_head=MaskRCNNHeads(channels, [cfg.mask_head_channels] * 4, 1),
         mask_predictor=MaskRCNNPredictor(cfg.mask_head_channels, cfg.mask_head_channels, cfg.num_classes),
     )
     if cfg.is_atmask:
         head = ATMaskHead(channels, cfg.mask_head_channels, cfg.num_classes, cfg.head)
-        model.roi_heads = ATMaskRoIHeads(model.roi_heads, head)
-        model.transform = ATMaskTransform(model.transform, cfg.head.k)
+        box = model.roi_heads  # torchvision's box branch modules, kept as they are
+        model.roi_heads = ATMaskRoIHeads(box.box_roi_pool, box.box_head, box.box_predictor, head, cfg)
+        model.transform = ATMaskTransform(cfg, IMAGE_MEAN, IMAGE_STD)
     if cfg.weights is not None:
         load_weights(model, cfg.weights, key="model.weights", allow_missing=_mask_head_prefixes(model))
     freeze(model, cfg.frozen)
@@ -108,17 +117,23 @@ def freeze(model: MaskRCNN, parts: tuple[str, ...]) -> None:
             module.requires_grad_(False)
 
 
+def load_file(path: Path, *, key: str) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; a missing or unreadable file is a ``ConfigError``
+    that names ``key`` (the setting or file role the path came from)."""
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} does not exist; give the path to a local .pt/.pth file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"{key}: {path} cannot be loaded with torch.load(weights_only=True) ({err})"
+        ) from None
+
+
 def read_state_dict(path: str | Path, *, key: str) -> dict[str, torch.Tensor]:
     """A state dict from a local file (``torch.load(weights_only=True)``), or our ``model.pt`` format."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{key}: weights file {path} does not exist; give a local path to a .pt/.pth file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(
-            f"{key}: {path} is not a PyTorch state dict loadable with weights_only=True ({err})"
-        ) from None
+    state = load_file(path, key=key)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # our model.pt / checkpoint layout
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -22,12 +22,12 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
-def _positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
+def check_positive(key: str, value: Any, *, allow_zero: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
@@ -51,10 +51,10 @@ class HeadConfig:
         for key in ("threshold_branch", "p2t_fusion", "t2p_fusion"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"head.{key}: expected true or false, got {getattr(self, key)!r}")
-        _choice("head.rt_source", self.rt_source, RT_SOURCES)
-        _choice("head.threshold_target", self.threshold_target, THRESHOLD_TARGETS)
-        _positive("head.k", self.k)
-        _positive("head.bin_loss_weight", self.bin_loss_weight, allow_zero=True)
+        check_choice("head.rt_source", self.rt_source, RT_SOURCES)
+        check_choice("head.threshold_target", self.threshold_target, THRESHOLD_TARGETS)
+        check_positive("head.k", self.k)
+        check_positive("head.bin_loss_weight", self.bin_loss_weight, allow_zero=True)
         if not isinstance(self.threshold_convs, int) or self.threshold_convs < 1:
             raise ConfigError(f"head.threshold_convs: must be an integer >= 1, got {self.threshold_convs!r}")
         if not self.threshold_branch and (self.p2t_fusion or self.t2p_fusion):
@@ -76,7 +76,7 @@ ABLATIONS: dict[str, HeadConfig] = {
 
 
 def ablation_head(name: str) -> HeadConfig:
-    _choice("ablation", name, tuple(ABLATIONS))
+    check_choice("ablation", name, tuple(ABLATIONS))
     return ABLATIONS[name]
 
 
@@ -98,6 +98,10 @@ class ModelConfig:
     anchor_sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
     box_detections_per_img: int = 100
     box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_fg_iou_thresh: float = 0.5  # a proposal is foreground at IoU >= this with a ground-truth box
+    box_bg_iou_thresh: float = 0.5  # and background below this
+    box_positive_fraction: float = 0.25  # of the sampled RoIs per image
     rpn_pre_nms_top_n_train: int = 2000  # per FPN level, as torchvision and Detectron2
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_train: int = 2000
@@ -108,8 +112,8 @@ class ModelConfig:
     frozen: tuple[str, ...] = ()  # parts to freeze after loading weights, e.g. ("backbone", "rpn", "box")
 
     def __post_init__(self) -> None:
-        _choice("model.backbone", self.backbone, BACKBONES)
-        _choice("model.norm", self.norm, NORMS)
+        check_choice("model.backbone", self.backbone, BACKBONES)
+        check_choice("model.norm", self.norm, NORMS)
         if not isinstance(self.head, HeadConfig):
             raise ConfigError(f"model.head: expected a HeadConfig, got {type(self.head).__name__}")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -146,8 +150,13 @@ class ModelConfig:
                 f"got {list(self.anchor_sizes)!r}"
             )
         for part in self.frozen:
-            _choice("model.frozen", part, FREEZABLE)
-        _positive("model.box_score_thresh", self.box_score_thresh, allow_zero=True)
+            check_choice("model.frozen", part, FREEZABLE)
+        for key in ("box_score_thresh", "box_nms_thresh", "box_fg_iou_thresh", "box_bg_iou_thresh"):
+            check_positive(f"model.{key}", getattr(self, key), allow_zero=True)
+        if not 0 < self.box_positive_fraction <= 1:
+            raise ConfigError(
+                f"model.box_positive_fraction: must be in (0, 1], got {self.box_positive_fraction!r}"
+            )
 
     @property
     def is_atmask(self) -> bool:

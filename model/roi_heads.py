@@ -8,14 +8,15 @@ same sequence of torchvision calls as upstream; the mask branch runs :class:`ATM
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, paste_masks_in_image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from model.binarize import differentiable_binarization
+from model.config import ModelConfig
 from model.head import ATMaskHead
 from model.losses import atmask_losses
 
@@ -27,19 +28,26 @@ class ATMaskRoIHeads(RoIHeads):
     ``thresholds`` = T; :class:`ATMaskTransform` pastes both and binarizes in image space.
     """
 
-    def __init__(self, base: RoIHeads, mask_head: ATMaskHead) -> None:
+    def __init__(
+        self,
+        box_roi_pool: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        mask_head: ATMaskHead,
+        cfg: ModelConfig,
+    ) -> None:
         super().__init__(
-            box_roi_pool=base.box_roi_pool,
-            box_head=base.box_head,
-            box_predictor=base.box_predictor,
-            fg_iou_thresh=base.proposal_matcher.high_threshold,
-            bg_iou_thresh=base.proposal_matcher.low_threshold,
-            batch_size_per_image=base.fg_bg_sampler.batch_size_per_image,
-            positive_fraction=base.fg_bg_sampler.positive_fraction,
-            bbox_reg_weights=base.box_coder.weights,
-            score_thresh=base.score_thresh,
-            nms_thresh=base.nms_thresh,
-            detections_per_img=base.detections_per_img,
+            box_roi_pool=box_roi_pool,
+            box_head=box_head,
+            box_predictor=box_predictor,
+            fg_iou_thresh=cfg.box_fg_iou_thresh,
+            bg_iou_thresh=cfg.box_bg_iou_thresh,
+            batch_size_per_image=cfg.box_batch_size_per_image,
+            positive_fraction=cfg.box_positive_fraction,
+            bbox_reg_weights=None,  # torchvision's (10, 10, 5, 5)
+            score_thresh=cfg.box_score_thresh,
+            nms_thresh=cfg.box_nms_thresh,
+            detections_per_img=cfg.box_detections_per_img,
         )
         self.atmask_head = mask_head
 
@@ -117,17 +125,9 @@ class ATMaskTransform(GeneralizedRCNNTransform):
     With ``return_maps`` on, the pasted maps come back as ``prob_masks`` and ``thr_masks`` too.
     """
 
-    def __init__(self, base: GeneralizedRCNNTransform, k: float) -> None:
-        super().__init__(
-            min_size=base.min_size,
-            max_size=base.max_size,
-            image_mean=base.image_mean,
-            image_std=base.image_std,
-            size_divisible=base.size_divisible,
-            fixed_size=base.fixed_size,
-            _skip_resize=base._skip_resize,
-        )
-        self.k = k
+    def __init__(self, cfg: ModelConfig, image_mean: Sequence[float], image_std: Sequence[float]) -> None:
+        super().__init__(cfg.min_size, cfg.max_size, list(image_mean), list(image_std))
+        self.k = cfg.head.k
         self.return_maps = False
 
     @contextlib.contextmanager

@@ -21,10 +21,10 @@ import yaml
 
 from components.errors import UserError
 from components.io import write_json_atomic
+from components.run_layout import METRICS_FILE
+from pipelines.names import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
-COMPILED = Path(__file__).with_name("atmask_pipeline.yaml")
-PIPELINE_NAME = "atmask-ablation"
 CONNECT_TIMEOUT_S = 5.0
 # run-local: sizes that make the whole DAG a few minutes on 2 CPU cores
 LOCAL_OVERRIDES: dict[str, Any] = {
@@ -33,12 +33,12 @@ LOCAL_OVERRIDES: dict[str, Any] = {
     "data.synthetic.image_size": 64,
     "data.synthetic.num_categories": 2,
     "data.synthetic.max_instances": 3,
-    "model.backbone": "resnet18",
-    "model.fpn_channels": 32,
-    "model.mask_head_channels": 32,
-    "model.box_head_dim": 64,
-    "model.min_size": 64,
-    "model.max_size": 64,
+    "recipes.cpu_demo.model.backbone": "resnet18",
+    "recipes.cpu_demo.model.fpn_channels": 32,
+    "recipes.cpu_demo.model.mask_head_channels": 32,
+    "recipes.cpu_demo.model.box_head_dim": 64,
+    "recipes.cpu_demo.model.min_size": 64,
+    "recipes.cpu_demo.model.max_size": 64,
     "recipes.cpu_demo.iterations": 4,
     "recipes.cpu_demo.warmup_iters": 1,
     "recipes.cpu_demo.lr_steps": [3],
@@ -90,7 +90,7 @@ def run_compile(args: argparse.Namespace) -> int:
 
     if args.gpus < 1:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
-    image = args.image or pl.compiled_image(COMPILED) or pl.DEFAULT_IMAGE
+    image = args.image or pl.compiled_image(COMPILED) or DEFAULT_IMAGE
     out = pl.compile_pipeline(args.out, image, args.params, pl.GpuResources(gpus=args.gpus))
     print(f"wrote {out} (image {image})")
     return 0
@@ -234,7 +234,7 @@ def run_local(args: argparse.Namespace) -> int:
     (workdir / "checkpoints").mkdir(exist_ok=True)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     # no retries here: kfp.local honours the cluster's preemption back-off (minutes) even for a plain bug
-    func = pl.build_pipeline(pl.compiled_image() or pl.DEFAULT_IMAGE, args.params, pl.GpuResources(retries=0))
+    func = pl.build_pipeline(pl.compiled_image() or DEFAULT_IMAGE, args.params, pl.GpuResources(retries=0))
     before = set(root.iterdir())
     try:
         func(**arguments)
@@ -265,7 +265,7 @@ def collect_outputs(run_root: Path, workdir: Path) -> dict[str, Any]:
     decision = json.loads((reports / "registry.json").read_text(encoding="utf-8"))
     summary = {
         "pipeline_root": str(run_root),
-        "runs": {n: json.loads((runs_dir / n / "metrics.json").read_text())["segm/AP"] for n in names},
+        "runs": {n: json.loads((runs_dir / n / METRICS_FILE).read_text())["segm/AP"] for n in names},
         "report": str(reports / "ablations.md"),
         "registered": {k: decision.get(k) for k in ("model_name", "version", "decision", "model_uri")},
     }

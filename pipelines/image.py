@@ -13,9 +13,9 @@ from typing import Any
 
 from components.errors import UserError
 from components.io import write_text_atomic
+from pipelines.names import COMPILED, DEFAULT_REPOSITORY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REPOSITORY = "ghcr.io/atmask-rcnn/atmask"
 # a Docker repository reference: [host[:port]/]path (lower case), no tag or digest
 _REPOSITORY = re.compile(
     r"^([a-z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$"
@@ -135,7 +135,7 @@ def use_image(
 ) -> Path:
     from pipelines import pipeline as pl
 
-    return pl.compile_pipeline(pipeline or pl.COMPILED, ref, params, pl.GpuResources(gpus=gpus))
+    return pl.compile_pipeline(pipeline or COMPILED, ref, params, pl.GpuResources(gpus=gpus))
 
 
 _IMAGES_BLOCK = re.compile(r"^images:\n(?:[ -].*\n)*", re.MULTILINE)

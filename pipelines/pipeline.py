@@ -23,10 +23,8 @@ from components.errors import UserError
 from components.io import write_text_atomic
 from components.params import load_params
 from pipelines.components import build_components
+from pipelines.names import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME
 
-PIPELINE_NAME = "atmask-ablation"
-COMPILED = Path(__file__).with_name("atmask_pipeline.yaml")
-DEFAULT_IMAGE = "ghcr.io/atmask-rcnn/atmask:0.1.0"
 S3_SECRET = "atmask-s3"  # keys: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL
 MLFLOW_SECRET = "atmask-mlflow-client"  # keys: MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/PASSWORD
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL")

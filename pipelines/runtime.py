@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from components.errors import UserError
+from components.run_layout import CHECKPOINT_DIR, INFO_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_FILE
 
 PARAMS_FILE = "params.yaml"
 
@@ -36,15 +37,11 @@ def pipeline_overrides(overrides_json: str, keys: dict[str, Any]) -> dict[str, A
 
 def write_params(params_json: str, overrides: dict[str, Any], dest_dir: Path) -> Path:
     """Write params.yaml with ``overrides`` applied, validate it, and return its path."""
-    from components.params import load_params
+    from components.params import load_params, set_dotted
 
     raw = yaml.safe_load(params_json) or {}  # JSON is YAML
     for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+        set_dotted(raw, dotted, value)
     dest_dir.mkdir(parents=True, exist_ok=True)
     path = dest_dir / PARAMS_FILE
     path.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -79,7 +76,7 @@ def fingerprint_step(params: Path, source: str) -> str:
 
 def ingest_step(params: Path, source: str, out_dir: Path) -> dict[str, Any]:
     call_cli(["ingest", "--source", source, "--out", str(out_dir), "--params", str(params)])
-    return json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+    return json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
 
 
 def gpu_count() -> int:
@@ -99,7 +96,7 @@ def train_step(
     target = work_dir or out_dir
     _train(params, ablation, data_dir, target)
     if work_dir is not None:
-        shutil.copytree(work_dir, out_dir, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
+        shutil.copytree(work_dir, out_dir, ignore=shutil.ignore_patterns(CHECKPOINT_DIR), dirs_exist_ok=True)
 
 
 def checkpoint_dir(checkpoint_root: str, params: Path, ablation: str, data_checksum: str) -> Path | None:
@@ -137,17 +134,17 @@ def evaluate_step(params: Path, run_in: Path, data_dir: Path, run_out: Path) -> 
         shutil.rmtree(run_out)
     shutil.copytree(run_in, run_out)
     call_cli(["evaluate", "--run", str(run_out), "--data", str(data_dir), "--params", str(params)])
-    return json.loads((run_out / "metrics.json").read_text(encoding="utf-8"))
+    return json.loads((run_out / METRICS_FILE).read_text(encoding="utf-8"))
 
 
 def run_name(run_dir: Path) -> str:
     """The ablation a run folder was trained for (eval_info.json, else model.pt's metadata)."""
-    info = run_dir / "eval_info.json"
+    info = run_dir / INFO_FILE
     if info.is_file():
         return str(json.loads(info.read_text(encoding="utf-8"))["ablation"])
     import torch
 
-    return str(torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)["ablation"])
+    return str(torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)["ablation"])
 
 
 def gather_runs(run_dirs: list[Path], runs_dir: Path) -> list[str]:

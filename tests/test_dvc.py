@@ -24,7 +24,7 @@ import boto3
 import pytest
 import yaml
 
-from components.params import load_params
+from components.params import load_params, set_dotted
 from pipelines.cli import LOCAL_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +37,6 @@ STAGE_MODULES = {  # the module behind each stage's `atmask <command>`
     "report": "components.report",
     "register": "components.register",
 }
-
-
-def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
 
 
 def _copy_repo(dest: Path, overrides: dict[str, Any]) -> Path:
@@ -62,7 +54,7 @@ def _copy_repo(dest: Path, overrides: dict[str, Any]) -> Path:
             shutil.copy2(src, dest / rel)
     raw = yaml.safe_load((dest / "params.yaml").read_text())
     for key, value in overrides.items():
-        _set(raw, key, value)
+        set_dotted(raw, key, value)
     (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
@@ -146,7 +138,9 @@ def test_repro_runs_the_whole_dag_and_leaves_every_output(reproduced: Path) -> N
     assert {f"runs/{a}/metrics.json" for a in ABLATIONS} <= set(files)
     plots = json.loads(dvc(reproduced, "plots", "show", "--json").stdout)["data"]
     assert {f"runs/{a}/plots/threshold_sweep.csv" for a in ABLATIONS} <= set(plots)
-    assert any(name.startswith("Mask AP by binarisation, all ablations") for name in plots)
+    side_by_side = {f"reports/plots/{name}" for name in ("threshold_sweep.png", "pr_curves.png", "loss.png")}
+    assert side_by_side <= set(plots)
+    assert all((reproduced / p).read_bytes().startswith(b"\x89PNG") for p in side_by_side)
     assert not any(p.name.endswith(".tmp") for p in reproduced.rglob("*"))
 
 
@@ -166,6 +160,46 @@ def test_second_repro_does_nothing_and_one_k_reruns_only_its_branch(reproduced: 
         assert rerun == {"train@atmask", "evaluate@atmask", "report", "register"}
     finally:
         params.write_text(original)
+        dvc(reproduced, "repro")  # back to the state the other tests expect
+
+
+def _changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(dvc(repo, "status", "--json").stdout))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_only_the_selected_recipe_is_a_dependency(reproduced: Path) -> None:
+    params = reproduced / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    try:
+        raw["recipes"]["r101_fpn_coco"]["lr"] = 0.01  # not the selected recipe
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert _changed_stages(reproduced) == set()
+        raw["recipes"]["cpu_demo"]["lr"] = 0.01  # the selected one: every model trains again
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert _changed_stages(reproduced) == {f"train@{a}" for a in ABLATIONS}
+    finally:
+        params.write_text(original)
+    assert _changed_stages(reproduced) == set()
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_new_ablation_is_one_entry_in_params_yaml(reproduced: Path) -> None:
+    params = reproduced / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    raw["ablations"]["atmask_k3"] = {"base": "atmask", "k": 3.0}
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        rerun = ran_stages(dvc(reproduced, "repro").stdout)
+        assert rerun == {"train@atmask_k3", "evaluate@atmask_k3", "report", "register"}
+        assert "| atmask_k3 | ✓ | ✓ | ✓ | P2 | 3 |" in (reproduced / "reports" / "ablations.md").read_text()
+    finally:
+        params.write_text(original)
+        shutil.rmtree(reproduced / "runs" / "atmask_k3")
         dvc(reproduced, "repro")  # back to the state the other tests expect
 
 
@@ -226,17 +260,12 @@ def _imports(module: str, seen: set[str]) -> set[str]:
     return seen
 
 
-def test_stage_deps_cover_the_modules_each_stage_imports() -> None:
-    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for stage, module in STAGE_MODULES.items():
-        spec = stages[stage].get("do", stages[stage])
-        deps = set(spec["deps"])
-        needed = {m.replace(".", "/") + ".py" for m in _imports(module, set())}
-        missing = sorted(
-            path
-            for path in needed
-            if (ROOT / path).is_file() and not (path.startswith("model/") and "model" in deps)
-        )
-        missing = [path for path in missing if path not in deps]
-        assert not missing, f"dvc.yaml stage {stage!r} lacks deps {missing}"
-        assert f"atmask {stage}" in spec["cmd"]
+@pytest.mark.parametrize("stage", list(STAGE_MODULES))
+def test_stage_code_deps_are_exactly_the_modules_it_imports(stage: str) -> None:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    code = {d for d in spec["deps"] if d.endswith(".py")}
+    needed = {m.replace(".", "/") + ".py" for m in _imports(STAGE_MODULES[stage], set())}
+    needed = {path for path in needed if (ROOT / path).is_file()}
+    assert sorted(needed - code) == [], f"dvc.yaml stage {stage!r} lacks these deps"
+    assert sorted(code - needed) == [], f"dvc.yaml stage {stage!r} depends on code it does not read"
+    assert f"atmask {stage}" in spec["cmd"]

@@ -14,8 +14,9 @@ import yaml
 from components.errors import UserError
 from pipelines import pipeline as pl
 from pipelines import runtime
-from pipelines.cli import COMPILED, parse_params
+from pipelines.cli import parse_params
 from pipelines.main import main as atmask
+from pipelines.names import COMPILED
 
 GPU_TASKS = ("exec-train-op", "exec-evaluate-op")
 
