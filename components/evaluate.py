@@ -40,7 +40,7 @@ from components.errors import UserError
 from components.eval_inference import Inference, Split, check_categories, load_split, run_inference
 from components.io import write_json_atomic
 from components.params import EvaluateParams, Params, load_params
-from components.run_layout import INFO_FILE, METRICS_FILE
+from components.run_layout import INFO_FILE, METRICS_FILE, TRAIN_LOG
 from components.tracking import check_reachable, mlflow_key, read_mlflow_run, tracking_uri
 from model.binarize import differentiable_binarization
 from model.config import ModelConfig
@@ -192,6 +192,8 @@ def ablation_tags(cfg: ModelConfig) -> dict[str, Any]:
         "head.t2p_fusion": head.t2p_fusion,
         "head.rt_source": head.rt_source,
         "head.k": head.k,
+        "head.threshold_target": head.threshold_target,
+        "head.fusion": head.fusion,
     }
 
 
@@ -224,7 +226,7 @@ def evaluate(
     inf = run_inference(model, cfg, cats, data, params, dev)
     check_results_match(data.gt, inf.results.get("final", []), str(data.annotations))
     metrics, results = compute_metrics(data, inf, params, cfg.is_atmask)
-    info = eval_info(cfg, data, split, params, model_path, inf)
+    info = eval_info(cfg, data, split, params, model_path, inf) | {"seed": training_seed(run_dir)}
     with staging(run_dir) as stage:
         write_outputs(stage, run_dir, metrics, results, info, inf, cfg, cats, split)
         if record is not None:
@@ -252,10 +254,20 @@ def eval_info(
     }
 
 
+def training_seed(run_dir: Path) -> int | None:
+    """The seed the run was trained with (its train_log.json summary), None when unknown."""
+    try:
+        summary = json.loads((run_dir / TRAIN_LOG).read_text(encoding="utf-8"))["summary"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    seed = summary.get("seed") if isinstance(summary, dict) else None
+    return seed if isinstance(seed, int) else None
+
+
 def baseline_for_pictures(run_dir: Path, cfg: ModelConfig, cats: list[dict[str, Any]]) -> Any:
-    """The sibling ``baseline`` run's model (``runs/baseline``) for side-by-side pictures, if trained on the
-    same categories; else None."""
-    path = run_dir.parent / "baseline" / MODEL_FILE
+    """The ``baseline`` run of the same seed (``runs/baseline/seed<k>``) for side-by-side pictures, if
+    trained on the same categories; else None."""
+    path = run_dir.parent.parent / "baseline" / run_dir.name / MODEL_FILE
     if not cfg.is_atmask or not path.is_file():
         return None
     try:

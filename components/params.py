@@ -177,6 +177,7 @@ class Params:
     ablations: dict[str, HeadConfig]
     recipe: str
     recipes: dict[str, TrainParams]
+    seeds: list[int]
     evaluate: EvaluateParams
     register: RegisterParams
     mlflow: MlflowParams
@@ -237,7 +238,8 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
         for name, spec in (raw.get("recipes") or {}).items()
     }
     train = dict(raw.get("train") or {})
-    _reject_unknown(train, {"recipe"}, "train.")
+    _reject_unknown(train, {"recipe", "seeds"}, "train.")
+    seeds = _seeds(train.get("seeds", [0]))
     recipe = train.get("recipe", "cpu_demo")
     if recipe not in recipes:
         raise ConfigError(
@@ -255,6 +257,7 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
         ablations=ablations,
         recipe=recipe,
         recipes=recipes,
+        seeds=seeds,
         evaluate=_build(EvaluateParams, raw.get("evaluate") or {}, "evaluate."),
         register=_build(RegisterParams, raw.get("register") or {}, "register."),
         mlflow=_build(MlflowParams, raw.get("mlflow") or {}, "mlflow."),
@@ -295,6 +298,14 @@ def ablation_head(name: str, spec: Any) -> HeadConfig:
         return dataclasses.replace(ABLATIONS[base], **changes)
     except ConfigError as err:
         raise ConfigError(f"ablations.{name}: {err}") from None
+
+
+def _seeds(value: Any) -> list[int]:
+    """``train.seeds``: the experiment's seed axis, distinct non-negative integers."""
+    seeds = _coerce(value, list[int], "train.seeds")
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"train.seeds: give distinct non-negative integers, e.g. [0, 1, 2]; got {value!r}")
+    return seeds
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

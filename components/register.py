@@ -54,7 +54,7 @@ def load_candidates(runs_dir: Path) -> list[Candidate]:
     if not runs_dir.is_dir():
         raise UserError(f"{runs_dir}: runs folder not found; pass --runs with the folder holding runs/<name>")
     found = []
-    for run in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
+    for run in sorted({p.parent for p in runs_dir.rglob(MODEL_FILE)}):  # runs/<ablation>/seed<k>
         if not all((run / f).is_file() for f in (MODEL_FILE, METRICS_FILE, INFO_FILE)):
             continue
         try:
@@ -79,7 +79,7 @@ def choose(cands: list[Candidate], which: str, metric: str) -> Candidate:
     if not pool:
         have = ", ".join(sorted({c.ablation for c in cands}))
         raise UserError(f"--candidate {which!r}: no evaluated run of that ablation; evaluated: {have}")
-    return max(pool, key=lambda c: (c.value(metric), c.run_dir.name))
+    return max(pool, key=lambda c: (c.value(metric), str(c.run_dir)))
 
 
 # ------------------------------------------------------------------ gate

@@ -3,7 +3,8 @@
 - ``threshold_sweep.png``: mask AP per binarisation (P >= 0.3/0.5/0.7, P >= T), one bar per ablation
   (paper Fig. 4);
 - ``pr_curves.png``: mask precision-recall at IoU 0.5 and 0.75, one curve per ablation;
-- ``loss.png``: the training loss, one curve per ablation.
+- ``loss.png``: the training loss, one curve per ablation;
+- ``ablations.png``: mask AP, AP75 and boundary AP per ablation, mean over seeds with a 95% t-interval.
 
 Runs of one ablation (seeds) are averaged point by point. Pictures rather than DVC's vega plots, so that
 ``dvc plots show`` renders them without fetching vega from a CDN.
@@ -22,6 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from components.io import atomic_path
+from components.paired import mean_interval
 from components.run_layout import LOSS_CSV
 
 SWEEP_CSV = Path("plots") / "threshold_sweep.csv"
@@ -49,6 +51,31 @@ def mean_curve(tables: Sequence[dict[str, list[str]]], x: str, y: str) -> tuple[
     return tables[0][x][:length], np.nanmean(values, axis=0)
 
 
+def render_errorbars(scores: Mapping[str, Mapping[str, Sequence[float]]], out_dir: Path) -> Path:
+    """``ablations.png`` from ``{ablation: {metric: [one value per seed]}}``."""
+    metrics = list(next(iter(scores.values()), {}))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / max(1, len(scores))
+    for i, (name, by_metric) in enumerate(scores.items()):
+        stats = [mean_interval(list(by_metric[m])) if by_metric[m] else None for m in metrics]
+        means = [100 * s.mean if s else np.nan for s in stats]
+        errors = [100 * (s.high - s.mean) if s and s.high is not None else 0.0 for s in stats]
+        n = max((s.n for s in stats if s), default=0)
+        ax.bar(
+            np.arange(len(metrics)) + i * width, means, width, yerr=errors, capsize=3, label=f"{name} (n={n})"
+        )
+    ax.set_xticks(np.arange(len(metrics)) + 0.4 - width / 2, metrics)
+    ax.set(ylabel="%", title="Mean over seeds, 95% t-interval")
+    _legend(ax, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "ablations.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return out_dir / "ablations.png"
+
+
 def render(runs: Mapping[str, Sequence[Path]], out_dir: Path) -> list[Path]:
     """Write the three pictures for ``{ablation: [run folders]}`` into ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +91,11 @@ def render(runs: Mapping[str, Sequence[Path]], out_dir: Path) -> list[Path]:
         plt.close(fig)
         written.append(out_dir / filename)
     return written
+
+
+def _legend(ax: plt.Axes, ncol: int = 1) -> None:
+    if ax.get_legend_handles_labels()[0]:  # runs without plot tables draw nothing to label
+        ax.legend(fontsize=7, ncol=ncol)
 
 
 _SOURCES = {"sweep": SWEEP_CSV, "pr": PR_CSV, "loss": LOSS_CSV}
@@ -83,7 +115,7 @@ def _sweep(tables) -> plt.Figure:
         ax.bar(np.array(positions) + i * width, 100 * ap, width, label=name)
     ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels)
     ax.set(ylabel="mask AP (%)", title="Mask AP by binarisation (paper Fig. 4)")
-    ax.legend(fontsize=7, ncol=2)
+    _legend(ax, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -103,7 +135,7 @@ def _pr(tables) -> plt.Figure:
             ylim=(0, 1.02),
             title=f"mask PR, IoU {column[-4:]}",
         )
-        ax.legend(fontsize=7)
+        _legend(ax)
     fig.tight_layout()
     return fig
 
@@ -115,7 +147,7 @@ def _loss(tables) -> plt.Figure:
         if curve is not None:
             ax.plot([int(s) for s in curve[0]], curve[1], label=name)
     ax.set(xlabel="iteration", ylabel="total loss", title="Training loss", yscale="log")
-    ax.legend(fontsize=7)
+    _legend(ax)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

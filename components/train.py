@@ -45,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     arg("--config", required=True, help="ablation name (params.yaml 'ablations:')")
     arg("--params", type=Path, default=DEFAULT_PARAMS, help="params file (default params.yaml)")
     arg("--data", type=Path, default=Path("data/coco"), help="ingested dataset (atmask ingest)")
-    arg("--out", type=Path, default=None, help="run folder (default runs/<config>)")
+    arg("--out", type=Path, default=None, help="run folder (default runs/<config>/seed<seed>)")
+    arg("--seed", type=int, default=None, help="seed of this run (default: the recipe's seed)")
     arg("--recipe", default=None, help="training recipe under 'recipes:' (default train.recipe)")
     arg("--set", action="append", default=[], metavar="KEY=VALUE", help="override a params key (YAML value)")
     arg(
@@ -63,12 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, hooks: LoopHooks | None = None) -> int:
+    params = load_params(args.params, _overrides(args))
+    seed = params.train.seed if args.seed is None else args.seed
+    out = args.out or default_run_dir(args.config, seed)
     if (args.nproc_per_node > 1 or args.nnodes > 1) and not _inside_launcher():
         if args.nproc_per_node < 1 or args.nnodes < 1:
             raise UserError("--nproc-per-node and --nnodes must be >= 1")
-        return _relaunch(args)
-    params = load_params(args.params, _overrides(args))
-    out = args.out or Path("runs") / args.config
+        return _relaunch(args, out, seed)
     try:
         train(
             params,
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace, hooks: LoopHooks | None = None) -> int:
             device=args.device,
             iterations=args.iterations,
             deterministic=args.deterministic or None,
+            seed=seed,
             hooks=hooks,
         )
     except Preempted as stop:
@@ -89,6 +92,10 @@ def run(args: argparse.Namespace, hooks: LoopHooks | None = None) -> int:
         )
         return PREEMPTED_EXIT_CODE
     return 0
+
+
+def default_run_dir(ablation: str, seed: int) -> Path:
+    return Path("runs") / ablation / f"seed{seed}"
 
 
 def _inside_launcher() -> bool:
@@ -110,9 +117,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def _relaunch(args: argparse.Namespace) -> int:
+def _relaunch(args: argparse.Namespace, out: Path, seed: int) -> int:
     argv = ["train", "--config", args.config, "--params", str(args.params), "--data", str(args.data)]
-    argv += ["--out", str(args.out or Path("runs") / args.config), "--device", args.device]
+    argv += ["--out", str(out), "--seed", str(seed), "--device", args.device]
     argv += ["--resume" if args.resume else "--no-resume"]
     for item in args.set:
         argv += ["--set", item]
@@ -138,6 +145,7 @@ def train(
     device: str = "auto",
     iterations: int | None = None,
     deterministic: bool | None = None,
+    seed: int | None = None,
     hooks: LoopHooks | None = None,
 ) -> dict[str, Any]:
     """Train ``ablation`` on ``data_dir`` into ``out_dir``; returns the summary written to train_log.json.
@@ -145,7 +153,7 @@ def train(
     Works single-process or inside ``torchrun`` (every rank calls it). Raises ``UserError`` for bad input,
     an unreachable tracking server or a non-finite loss (``on_nonfinite: stop``); ``Preempted`` on SIGTERM.
     """
-    recipe = _effective_recipe(params.train, iterations, deterministic)
+    recipe = _effective_recipe(params.train, iterations, deterministic, seed)
     dist_utils.resolve_device(device)  # fails early and clearly for --device cuda without a GPU
     info = dist_utils.init_distributed(device)
     try:
@@ -155,8 +163,12 @@ def train(
         dist_utils.cleanup()
 
 
-def _effective_recipe(tp: TrainParams, iterations: int | None, deterministic: bool | None) -> TrainParams:
-    changes: dict[str, Any] = {}
+def _effective_recipe(
+    tp: TrainParams, iterations: int | None, deterministic: bool | None, seed: int | None
+) -> TrainParams:
+    changes: dict[str, Any] = {} if seed is None else {"seed": seed}
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed: must be >= 0, got {seed}")
     if iterations is not None:
         if iterations < 1:
             raise UserError(f"--iterations: must be >= 1, got {iterations}")

@@ -82,6 +82,9 @@ def summarize(
         "skipped_nonfinite": loop.skipped,
         "resumed_from": loop.resumed_from,
         "deterministic": ctx.recipe.deterministic,
+        "seed": ctx.recipe.seed,
+        "ablation": ctx.ablation,
+        "recipe": ctx.params.recipe,
     }
 
 
@@ -89,7 +92,7 @@ def start_tracker(ctx: RunContext) -> RunTracker | None:
     """The MLflow run on rank 0 (reopened on resume); every rank fails together if it cannot start."""
 
     def start() -> RunTracker:
-        name, experiment = f"train-{ctx.ablation}", ctx.params.mlflow.experiment
+        name, experiment = f"train-{ctx.ablation}-seed{ctx.recipe.seed}", ctx.params.mlflow.experiment
         tracker = RunTracker.start(ctx.tracking_uri, experiment, ctx.out_dir, name, resume=ctx.resume)
         recipe = {f"train.{k}": v for k, v in dataclasses.asdict(ctx.recipe).items() if k != "model"}
         tracker.log_params({**ctx.model.flat(), **recipe, "train.recipe": ctx.params.recipe})
@@ -105,6 +108,7 @@ def run_tags(ctx: RunContext) -> dict[str, Any]:
     commit = git_commit()
     return {
         "ablation": ctx.ablation,
+        "seed": ctx.recipe.seed,
         "mlflow.source.git.commit": commit,
         "git_commit": commit,
         "data_checksum": data_checksum(ctx.data_dir),

@@ -14,6 +14,7 @@ from typing import Any
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 RT_SOURCES = ("p2", "p2_p5")
 THRESHOLD_TARGETS = ("inverted", "border")
+FUSION_ORDERS = ("chained", "parallel")
 NORMS = ("auto", "frozen_bn", "bn")
 FREEZABLE = ("backbone", "fpn", "rpn", "box")
 
@@ -41,6 +42,9 @@ class HeadConfig:
     threshold_branch: bool = True
     p2t_fusion: bool = True  # threshold features see the probability features (concat + conv)
     t2p_fusion: bool = True  # probability features see the threshold features (concat + conv)
+    # chained (the paper, §3.3): P2T first, then T2P reads the fused threshold features;
+    # parallel: both fusions read the unfused pair (the project's earlier wiring)
+    fusion: str = "chained"
     rt_source: str = "p2"  # "p2": RoIAlign 28x28 from P2 + stride-2 conv; "p2_p5": pooled like Rp
     k: float = 2.0  # steepness of the differentiable binarization, Eq. 2
     bin_loss_weight: float = 2.0  # lambda in Eq. 5
@@ -53,6 +57,7 @@ class HeadConfig:
                 raise ConfigError(f"head.{key}: expected true or false, got {getattr(self, key)!r}")
         check_choice("head.rt_source", self.rt_source, RT_SOURCES)
         check_choice("head.threshold_target", self.threshold_target, THRESHOLD_TARGETS)
+        check_choice("head.fusion", self.fusion, FUSION_ORDERS)
         check_positive("head.k", self.k)
         check_positive("head.bin_loss_weight", self.bin_loss_weight, allow_zero=True)
         if not isinstance(self.threshold_convs, int) or self.threshold_convs < 1:
@@ -72,6 +77,10 @@ ABLATIONS: dict[str, HeadConfig] = {
     "thr_fusion": HeadConfig(p2t_fusion=True, t2p_fusion=True, rt_source="p2_p5", k=1.0),
     "atmask_k1": HeadConfig(p2t_fusion=True, t2p_fusion=True, rt_source="p2", k=1.0),
     "atmask": HeadConfig(p2t_fusion=True, t2p_fusion=True, rt_source="p2", k=2.0),
+    # the DBNet-style reading of the threshold map's supervision (DESIGN.md §4): T learns the borders
+    "atmask_border": HeadConfig(
+        p2t_fusion=True, t2p_fusion=True, rt_source="p2", k=2.0, threshold_target="border"
+    ),
 }
 
 
@@ -173,7 +182,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        """Inverse of ``to_dict``; unknown keys are errors that name the key."""
+        """Inverse of ``to_dict``; unknown keys are errors that name the key.
+
+        The stored head is used as it is, so a model of a params-defined ablation (not one of the paper's
+        names) loads too. A head stored before ``fusion`` existed was wired in parallel: it loads that way.
+        """
         data = dict(data)
         ablation = data.pop("ablation", "atmask")
         head = data.pop("head", None)
@@ -181,7 +194,14 @@ class ModelConfig:
             data["anchor_sizes"] = tuple(data["anchor_sizes"])
         if "frozen" in data:
             data["frozen"] = tuple(data["frozen"])
-        return cls.for_ablation(ablation, head=head, **data)
+        if head is None:
+            return cls.for_ablation(ablation, **data)
+        head = {"fusion": "parallel", **head}
+        return cls(
+            ablation=ablation,
+            head=HeadConfig(**_checked_keys(HeadConfig, head, "head")),
+            **_checked_keys(cls, data, "model"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -4,6 +4,10 @@ Rp (probability RoI features) is pooled from P2-P5 by box size, as in Mask R-CNN
 features) is pooled from P2 alone at twice the resolution and brought to Rp's size by a stride-2 3x3 conv;
 the "P2~P5" ablation uses Rp for Rt instead. Each fusion concatenates the two paths' features and mixes
 them with a 3x3 conv (concatenation, not summation: §3.3 argues P and T have opposite polarity).
+
+Fusion order (``HeadConfig.fusion``): ``chained``, the paper's reading (§3.3: the threshold "needs to use
+the probability graph", then "feeds back" to it), runs P2T first and lets T2P read the *fused* threshold
+features; ``parallel`` computes both fusions from the unfused pair.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class ATMaskHead(nn.Module):
         rt = rp if self.rt_features is None else self.rt_features(features, boxes, image_shapes)
         f_prob = self.prob_convs(rp)
         f_thr = self.thr_convs(rt)
-        prob_features = f_prob if self.t2p is None else self.t2p(f_prob, f_thr)
         thr_features = f_thr if self.p2t is None else self.p2t(f_prob, f_thr)
+        fed_back = thr_features if self.cfg.fusion == "chained" else f_thr
+        prob_features = f_prob if self.t2p is None else self.t2p(f_prob, fed_back)
         return self.prob_predictor(prob_features), self.thr_predictor(thr_features)

@@ -75,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loc.add_argument("--workdir", type=Path, default=Path(".kfp_local"), help="outputs (default: .kfp_local)")
     loc.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     loc.add_argument("--ablations", default=",".join(LOCAL_ABLATIONS), help="comma-separated ablations")
+    loc.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     loc.add_argument("--full-size", action="store_true", help="use params.yaml sizes instead of tiny ones")
 
 
@@ -203,7 +204,9 @@ def run_submit(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ run-local
 
 
-def local_arguments(params_path: Path, workdir: Path, ablations: list[str], tiny: bool) -> dict[str, Any]:
+def local_arguments(
+    params_path: Path, workdir: Path, ablations: list[str], tiny: bool, seeds: list[int] | None = None
+) -> dict[str, Any]:
     from pipelines import pipeline as pl
 
     defaults = pl.pipeline_defaults(params_path)
@@ -215,6 +218,7 @@ def local_arguments(params_path: Path, workdir: Path, ablations: list[str], tiny
         )
     return {
         "ablations": ablations,
+        "seeds": seeds or [0],
         "mlflow_tracking_uri": f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
         "overrides": json.dumps(LOCAL_OVERRIDES if tiny else {}),
         "checkpoint_root": str(workdir / "checkpoints"),  # stands in for the runs PVC
@@ -228,7 +232,11 @@ def run_local(args: argparse.Namespace) -> int:
 
     workdir = args.workdir.resolve()
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
-    arguments = local_arguments(args.params, workdir, ablations, not args.full_size)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    arguments = local_arguments(args.params, workdir, ablations, not args.full_size, seeds)
     root = workdir / "pipeline_root"
     root.mkdir(parents=True, exist_ok=True)
     (workdir / "checkpoints").mkdir(exist_ok=True)
@@ -250,7 +258,7 @@ def run_local(args: argparse.Namespace) -> int:
 
 
 def collect_outputs(run_root: Path, workdir: Path) -> dict[str, Any]:
-    """Copy what the run produced to workdir/{runs/<ablation>/, reports/} and return a summary."""
+    """Copy what the run produced to workdir/{runs/<ablation>/seed<k>/, reports/} and return a summary."""
     runs_dir, reports = workdir / "runs", workdir / "reports"
     for folder in (runs_dir, reports):
         shutil.rmtree(folder, ignore_errors=True)

@@ -18,15 +18,20 @@ def config_op(
     overrides: str,
     data_source: str,
     recipe: str,
+    ablations: list,
+    seeds: list,
     params_file: Output[dsl.Artifact],
-) -> None:
-    """params.yaml for this run: the pipeline's copy with its parameters applied, validated once."""
+) -> list:
+    """params.yaml for this run (the pipeline's copy with its parameters applied, validated once), and
+    the runs to make: one ``{"ablation", "seed"}`` item per pair, the ParallelFor's items."""
     from pathlib import Path
 
     from pipelines import runtime
 
-    keys = runtime.pipeline_overrides(overrides, {"data.source": data_source, "train.recipe": recipe})
-    runtime.write_params(params_json, keys, Path(params_file.path))
+    keys = {"data.source": data_source, "train.recipe": recipe, "train.seeds": seeds}
+    keys = runtime.pipeline_overrides(overrides, keys)
+    path = runtime.write_params(params_json, keys, Path(params_file.path))
+    return runtime.run_items(path, ablations)
 
 
 def fingerprint_op(params_json: str, overrides: str, data_source: str) -> str:
@@ -68,11 +73,13 @@ def train_op(
     params_file: Input[dsl.Artifact],
     data: Input[Dataset],
     ablation: str,
+    seed: int,
     mlflow_tracking_uri: str,
     checkpoint_root: str,
     model: Output[Model],
 ) -> None:
-    """Train one ablation; the Model artifact is the run folder (model.pt, train_log.json, mlflow_run.json).
+    """Train one (ablation, seed); the Model artifact is the run folder (model.pt, train_log.json,
+    mlflow_run.json).
 
     With ``checkpoint_root`` on a volume (the atmask-runs PVC), a retry after preemption resumes.
     """
@@ -82,9 +89,10 @@ def train_op(
 
     runtime.use_tracking_uri(mlflow_tracking_uri)
     params = Path(params_file.path) / runtime.PARAMS_FILE
-    work = runtime.checkpoint_dir(checkpoint_root, params, ablation, data.metadata.get("checksum", ""))
-    runtime.train_step(params, ablation, Path(data.path), Path(model.path), work)
+    work = runtime.checkpoint_dir(checkpoint_root, params, ablation, seed, data.metadata.get("checksum", ""))
+    runtime.train_step(params, ablation, seed, Path(data.path), Path(model.path), work)
     model.metadata["ablation"] = ablation
+    model.metadata["seed"] = seed
     model.metadata["framework"] = "pytorch"
 
 
@@ -107,22 +115,26 @@ def evaluate_op(
     for key, value in sorted(values.items()):
         metrics.log_metric(key.replace("/", "_"), float(value))
     evaluated.metadata["ablation"] = model.metadata.get("ablation", "")
+    evaluated.metadata["seed"] = model.metadata.get("seed", "")
     evaluated.metadata["segm_AP"] = float(values["segm/AP"])
 
 
 def report_op(
     params_file: Input[dsl.Artifact],
     runs: Input[list[Model]],
+    mlflow_tracking_uri: str,
     report: Output[Markdown],
     table: Output[Dataset],
 ) -> None:
-    """The ablation table (paper Tables 2-5) from every evaluated run of this pipeline run."""
+    """The ablation table (paper Tables 2-5, mean ± std over seeds, paired intervals against the baseline)
+    from every evaluated run of this pipeline run; also logged as the experiment's ``study`` run."""
     import shutil
     import tempfile
     from pathlib import Path
 
     from pipelines import runtime
 
+    runtime.use_tracking_uri(mlflow_tracking_uri)
     params = Path(params_file.path) / runtime.PARAMS_FILE
     with tempfile.TemporaryDirectory() as tmp:
         runtime.gather_runs([Path(r.path) for r in runs], Path(tmp) / "runs")

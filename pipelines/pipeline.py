@@ -57,6 +57,7 @@ def pipeline_defaults(params_path: str | Path = "params.yaml") -> dict[str, Any]
         "params_json": json.dumps(yaml.safe_load(path.read_text(encoding="utf-8")), separators=(",", ":")),
         "data_source": params.data.source,
         "ablations": list(params.ablations),
+        "seeds": list(params.seeds),
         "recipe": params.recipe,
         "mlflow_tracking_uri": params.mlflow.tracking_uri or "",
         "register_candidate": params.register.candidate,
@@ -107,6 +108,7 @@ def build_pipeline(
         params_json: str = d["params_json"],
         data_source: str = d["data_source"],
         ablations: list = d["ablations"],
+        seeds: list = d["seeds"],
         recipe: str = d["recipe"],
         mlflow_tracking_uri: str = d["mlflow_tracking_uri"],
         register_candidate: str = d["register_candidate"],
@@ -115,7 +117,12 @@ def build_pipeline(
         checkpoint_root: str = d["checkpoint_root"],
     ) -> None:
         config = ops["config"](
-            params_json=params_json, overrides=overrides, data_source=data_source, recipe=recipe
+            params_json=params_json,
+            overrides=overrides,
+            data_source=data_source,
+            recipe=recipe,
+            ablations=ablations,
+            seeds=seeds,
         ).set_display_name("config")
         cpu_retries = 2 if res.retries else 0
         on_cpu_node(config, "1", "1G", cpu_retries)
@@ -132,11 +139,12 @@ def build_pipeline(
         )
         on_cpu_node(use_secrets(ingest.set_display_name("ingest"), mlflow=False), "4", "16G", cpu_retries)
         params_file, data = config.outputs["params_file"], ingest.outputs["data"]
-        with dsl.ParallelFor(items=ablations) as ablation:
+        with dsl.ParallelFor(items=config.outputs["Output"]) as run:  # one item per (ablation, seed)
             train = ops["train"](
                 params_file=params_file,
                 data=data,
-                ablation=ablation,
+                ablation=run.ablation,
+                seed=run.seed,
                 mlflow_tracking_uri=mlflow_tracking_uri,
                 checkpoint_root=checkpoint_root,
             ).set_display_name("train")
@@ -150,9 +158,11 @@ def build_pipeline(
             ).set_display_name("evaluate")
             on_gpu_node(use_secrets(evaluate), GpuResources(gpus=1, retries=res.retries))
         report = ops["report"](
-            params_file=params_file, runs=dsl.Collected(evaluate.outputs["evaluated"])
+            params_file=params_file,
+            runs=dsl.Collected(evaluate.outputs["evaluated"]),
+            mlflow_tracking_uri=mlflow_tracking_uri,
         ).set_display_name("report")
-        on_cpu_node(report, "1", "4G", cpu_retries)
+        on_cpu_node(use_secrets(report, s3=False), "1", "4G", cpu_retries)
         register = ops["register"](
             params_file=params_file,
             runs=dsl.Collected(evaluate.outputs["evaluated"]),

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from components.errors import UserError
-from components.run_layout import CHECKPOINT_DIR, INFO_FILE, MANIFEST_FILE, METRICS_FILE, MODEL_FILE
+from components.run_layout import CHECKPOINT_DIR, INFO_FILE, MANIFEST_FILE, METRICS_FILE
 
 PARAMS_FILE = "params.yaml"
 
@@ -88,18 +88,34 @@ def gpu_count() -> int:
         return 0
 
 
+def run_items(params: Path, ablations: list[str]) -> list[dict[str, Any]]:
+    """``[{"ablation": a, "seed": s}, ...]`` for the pipeline's ParallelFor: ablations x train.seeds."""
+    from components.params import load_params
+
+    loaded = load_params(params)
+    unknown = [a for a in ablations if a not in loaded.ablations]
+    if unknown or not ablations:
+        raise UserError(
+            f"pipeline parameter ablations: {', '.join(unknown) or '(none)'} not defined under 'ablations'; "
+            f"choose from {', '.join(loaded.ablations)}"
+        )
+    return [{"ablation": a, "seed": s} for a in ablations for s in loaded.seeds]
+
+
 def train_step(
-    params: Path, ablation: str, data_dir: Path, out_dir: Path, work_dir: Path | None = None
+    params: Path, ablation: str, seed: int, data_dir: Path, out_dir: Path, work_dir: Path | None = None
 ) -> None:
     """Train into ``work_dir`` (a volume that outlives the pod, so a retried task resumes from its last
     checkpoint) and copy the run without checkpoints to ``out_dir``; train in ``out_dir`` without one."""
     target = work_dir or out_dir
-    _train(params, ablation, data_dir, target)
+    _train(params, ablation, seed, data_dir, target)
     if work_dir is not None:
         shutil.copytree(work_dir, out_dir, ignore=shutil.ignore_patterns(CHECKPOINT_DIR), dirs_exist_ok=True)
 
 
-def checkpoint_dir(checkpoint_root: str, params: Path, ablation: str, data_checksum: str) -> Path | None:
+def checkpoint_dir(
+    checkpoint_root: str, params: Path, ablation: str, seed: int, data_checksum: str
+) -> Path | None:
     """Where a training task keeps its run: keyed by its inputs (not the pipeline run id, which would defeat
     caching), so a retried pod resumes and a rerun with identical inputs finds the finished run."""
     if not checkpoint_root:
@@ -110,13 +126,23 @@ def checkpoint_dir(checkpoint_root: str, params: Path, ablation: str, data_check
             f"atmask pipeline: {root} is not mounted; training without resumable checkpoints", file=sys.stderr
         )
         return None
-    key = hashlib.sha256(params.read_bytes() + f"\0{ablation}\0{data_checksum}".encode()).hexdigest()[:16]
-    return root / f"{ablation}-{key}"
+    key = hashlib.sha256(params.read_bytes() + f"\0{ablation}\0{seed}\0{data_checksum}".encode()).hexdigest()
+    return root / f"{ablation}-seed{seed}-{key[:16]}"
 
 
-def _train(params: Path, ablation: str, data_dir: Path, out_dir: Path) -> None:
+def _train(params: Path, ablation: str, seed: int, data_dir: Path, out_dir: Path) -> None:
     """One process per GPU with torchrun when the pod has several; in-process otherwise."""
-    argv = ["train", "--config", ablation, "--params", str(params), "--data", str(data_dir)]
+    argv = [
+        "train",
+        "--config",
+        ablation,
+        "--seed",
+        str(seed),
+        "--params",
+        str(params),
+        "--data",
+        str(data_dir),
+    ]
     argv += ["--out", str(out_dir)]
     gpus = gpu_count()
     if gpus <= 1:
@@ -138,23 +164,19 @@ def evaluate_step(params: Path, run_in: Path, data_dir: Path, run_out: Path) -> 
 
 
 def run_name(run_dir: Path) -> str:
-    """The ablation a run folder was trained for (eval_info.json, else model.pt's metadata)."""
-    info = run_dir / INFO_FILE
-    if info.is_file():
-        return str(json.loads(info.read_text(encoding="utf-8"))["ablation"])
-    import torch
-
-    return str(torch.load(run_dir / MODEL_FILE, map_location="cpu", weights_only=True)["ablation"])
+    """``<ablation>/seed<k>``: where an evaluated run folder goes (from its eval_info.json)."""
+    info = json.loads((run_dir / INFO_FILE).read_text(encoding="utf-8"))
+    return f"{info['ablation']}/seed{info.get('seed', 0)}"
 
 
 def gather_runs(run_dirs: list[Path], runs_dir: Path) -> list[str]:
-    """Lay the evaluated runs out as ``runs_dir/<ablation>/`` (what report and register read)."""
+    """Lay the evaluated runs out as ``runs_dir/<ablation>/seed<k>/`` (what report and register read)."""
     runs_dir.mkdir(parents=True, exist_ok=True)
     names = []
     for run_dir in run_dirs:
         name = run_name(run_dir)
         if (runs_dir / name).exists():
-            raise UserError(f"two runs for ablation {name!r} ({run_dir}); select each ablation once")
+            raise UserError(f"two runs for {name} ({run_dir}); select each (ablation, seed) once")
         shutil.copytree(run_dir, runs_dir / name)
         names.append(name)
     return names

@@ -28,7 +28,7 @@ from components.params import load_params, set_dotted
 from pipelines.cli import LOCAL_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
-ABLATIONS = ("baseline", "thr", "thr_p2t", "thr_fusion", "atmask_k1", "atmask")
+ABLATIONS = ("baseline", "thr", "thr_p2t", "thr_fusion", "atmask_k1", "atmask", "atmask_border")
 GENERATED = {"runs", "reports", "data", "dvc.lock", "mlflow.db", "dvc_plots", "predictions"}  # a local run's
 STAGE_MODULES = {  # the module behind each stage's `atmask <command>`
     "ingest": "components.ingest",
@@ -105,7 +105,7 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = dvc(repo, "repro")
     assert ran_stages(result.stdout) == {
         "ingest",
-        *(f"{stage}@{a}" for a in ABLATIONS for stage in ("train", "evaluate")),
+        *(f"{stage}@{a}-0" for a in ABLATIONS for stage in ("train", "evaluate")),
         "report",
         "register",
     }
@@ -118,9 +118,9 @@ def test_repro_runs_the_whole_dag_and_leaves_every_output(reproduced: Path) -> N
     table = (reproduced / "reports" / "ablations.md").read_text()
     for ablation in ABLATIONS:
         assert f"| {ablation} |" in table
-        metrics = json.loads((reproduced / "runs" / ablation / "metrics.json").read_text())
+        metrics = json.loads((reproduced / "runs" / ablation / "seed0" / "metrics.json").read_text())
         assert {"segm/AP", "segm/AP50", "segm/AP75", "bbox/AP", "boundary/AP"} <= set(metrics)
-        assert (reproduced / "runs" / ablation / "model.pt").is_file()
+        assert (reproduced / "runs" / ablation / "seed0" / "model.pt").is_file()
     decision = json.loads((reproduced / "reports" / "registry.json").read_text())
     assert decision["decision"] in ("champion", "challenger") and str(decision["version"]) == "1"
 
@@ -128,17 +128,22 @@ def test_repro_runs_the_whole_dag_and_leaves_every_output(reproduced: Path) -> N
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{reproduced / 'mlflow.db'}")
     experiment = client.get_experiment_by_name(load_params(reproduced / "params.yaml").mlflow.experiment)
-    runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.data.tags["ablation"] for r in runs) == sorted(ABLATIONS)
+    runs = client.search_runs([experiment.experiment_id], "tags.ablation != ''")
+    assert sorted((r.data.tags["ablation"], r.data.tags["seed"]) for r in runs) == sorted(
+        (a, "0") for a in ABLATIONS
+    )
     for run in runs:
         assert {"segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "boundary_AP"} <= set(run.data.metrics)
+    (study,) = client.search_runs([experiment.experiment_id], "tags.study = 'ablations'")
+    assert {f"{a}/segm_AP_mean" for a in ABLATIONS} <= set(study.data.metrics)
 
     shown = json.loads(dvc(reproduced, "metrics", "show", "--json").stdout)
     files = next(iter(shown.values()))["data"]
-    assert {f"runs/{a}/metrics.json" for a in ABLATIONS} <= set(files)
+    assert {f"runs/{a}/seed0/metrics.json" for a in ABLATIONS} <= set(files)
     plots = json.loads(dvc(reproduced, "plots", "show", "--json").stdout)["data"]
-    assert {f"runs/{a}/plots/threshold_sweep.csv" for a in ABLATIONS} <= set(plots)
-    side_by_side = {f"reports/plots/{name}" for name in ("threshold_sweep.png", "pr_curves.png", "loss.png")}
+    assert {f"runs/{a}/seed0/plots/threshold_sweep.csv" for a in ABLATIONS} <= set(plots)
+    pictures = ("threshold_sweep.png", "pr_curves.png", "loss.png", "ablations.png")
+    side_by_side = {f"reports/plots/{name}" for name in pictures}
     assert side_by_side <= set(plots)
     assert all((reproduced / p).read_bytes().startswith(b"\x89PNG") for p in side_by_side)
     assert not any(p.name.endswith(".tmp") for p in reproduced.rglob("*"))
@@ -157,7 +162,7 @@ def test_second_repro_does_nothing_and_one_k_reruns_only_its_branch(reproduced: 
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
         rerun = ran_stages(dvc(reproduced, "repro").stdout)
-        assert rerun == {"train@atmask", "evaluate@atmask", "report", "register"}
+        assert rerun == {"train@atmask-0", "evaluate@atmask-0", "report", "register"}
     finally:
         params.write_text(original)
         dvc(reproduced, "repro")  # back to the state the other tests expect
@@ -179,7 +184,7 @@ def test_only_the_selected_recipe_is_a_dependency(reproduced: Path) -> None:
         assert _changed_stages(reproduced) == set()
         raw["recipes"]["cpu_demo"]["lr"] = 0.01  # the selected one: every model trains again
         params.write_text(yaml.safe_dump(raw, sort_keys=False))
-        assert _changed_stages(reproduced) == {f"train@{a}" for a in ABLATIONS}
+        assert _changed_stages(reproduced) == {f"train@{a}-0" for a in ABLATIONS}
     finally:
         params.write_text(original)
     assert _changed_stages(reproduced) == set()
@@ -195,11 +200,39 @@ def test_a_new_ablation_is_one_entry_in_params_yaml(reproduced: Path) -> None:
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     try:
         rerun = ran_stages(dvc(reproduced, "repro").stdout)
-        assert rerun == {"train@atmask_k3", "evaluate@atmask_k3", "report", "register"}
-        assert "| atmask_k3 | ✓ | ✓ | ✓ | P2 | 3 |" in (reproduced / "reports" / "ablations.md").read_text()
+        assert rerun == {"train@atmask_k3-0", "evaluate@atmask_k3-0", "report", "register"}
+        assert (
+            "| atmask_k3 | ✓ | ✓ | ✓ | P2 | 3 |  | 1 |"
+            in (reproduced / "reports" / "ablations.md").read_text()
+        )
     finally:
         params.write_text(original)
         shutil.rmtree(reproduced / "runs" / "atmask_k3")
+        dvc(reproduced, "repro")  # back to the state the other tests expect
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_new_seed_runs_only_its_pairs_and_the_report_gives_intervals(reproduced: Path) -> None:
+    params = reproduced / "params.yaml"
+    original = params.read_text()
+    raw = yaml.safe_load(original)
+    raw["ablations"] = {"baseline": {}, "atmask": {}}
+    raw["train"]["seeds"] = [0, 1]
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        rerun = ran_stages(dvc(reproduced, "repro").stdout)
+        new = {f"{stage}@{a}-1" for a in ("baseline", "atmask") for stage in ("train", "evaluate")}
+        assert rerun == new | {"report", "register"}
+        table = (reproduced / "reports" / "ablations.md").read_text()
+        atmask_row = next(line for line in table.splitlines() if line.startswith("| atmask |"))
+        cells = [c.strip() for c in atmask_row.strip("|").split("|")]
+        assert cells[7] == "2" and " ± " in cells[8]  # two seeds: mean ± std
+        assert re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]( n\.s\.)?", cells[-3])  # ΔAP [95% CI]
+    finally:
+        params.write_text(original)
+        for ablation in ("baseline", "atmask"):
+            shutil.rmtree(reproduced / "runs" / ablation / "seed1")
         dvc(reproduced, "repro")  # back to the state the other tests expect
 
 
@@ -214,7 +247,10 @@ def test_push_and_pull_through_an_s3_remote(reproduced: Path, s3_server: str, s3
     stored = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket=s3_bucket, Prefix="dvc-store/")
     assert stored.get("KeyCount", 0) > 0
 
-    outputs = [reproduced / "data" / "coco", *(reproduced / "runs" / a / "model.pt" for a in ABLATIONS)]
+    outputs = [
+        reproduced / "data" / "coco",
+        *(reproduced / "runs" / a / "seed0" / "model.pt" for a in ABLATIONS),
+    ]
     before = {p: _digest(p) for p in outputs}
     shutil.rmtree(reproduced / ".dvc" / "cache")
     for path in outputs:

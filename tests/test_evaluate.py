@@ -99,14 +99,15 @@ def test_evaluate_writes_stable_metrics_equal_to_pycocotools(
 def test_baseline_keys_and_side_by_side_pictures(
     tmp_path: Path, make_run, trained_atmask: Path, eval_data: Path, repo_root: Path
 ) -> None:
-    run = make_run(tmp_path / "baseline", "baseline", seed=1, steps=1)
+    run = make_run(tmp_path / "baseline" / "seed0", "baseline", seed=1, steps=1)
     assert _evaluate(run, eval_data, repo_root) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(metrics) == sorted(k for k in ATMASK_KEYS if "adaptive" not in k)
     assert not any(f.endswith("_maps.png") for f in _files(run))
 
-    # With runs/baseline beside it, an ATMask run's map pictures get a sixth panel: the baseline's masks.
-    atm = _copy_run(trained_atmask, tmp_path / "atmask")
+    # With runs/baseline/seed0 beside runs/atmask/seed0, the ATMask run's map pictures get a sixth panel:
+    # the baseline's masks (the same seed's).
+    atm = _copy_run(trained_atmask, tmp_path / "atmask" / "seed0")
     assert _evaluate(atm, eval_data, repo_root) == 0
     maps = sorted((atm / "samples").glob("*_maps.png"))
     assert maps and all(Image.open(p).size[0] == round(2.6 * 7 * 100) for p in maps)

@@ -50,7 +50,9 @@ def test_dag_shape(compiled: tuple[dict, dict]) -> None:
     assert root["ingest-op"]["dependentTasks"] == ["fingerprint-op"]
     fingerprint = root["ingest-op"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]
     assert fingerprint == {"outputParameterKey": "Output", "producerTask": "fingerprint-op"}
-    assert root["for-loop-1"]["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--ablations"
+    # one loop item per (ablation, seed), listed by the config task from ablations x train.seeds
+    items = root["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
+    assert items == "pipelinechannel--config-op-Output"
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert set(loop) == {"train-op", "evaluate-op"}
     assert loop["evaluate-op"]["dependentTasks"] == ["train-op"]
@@ -75,6 +77,7 @@ def test_parameter_defaults_come_from_params_yaml(compiled: tuple[dict, dict], r
     assert json.loads(params.pop("params_json")) == raw
     assert params == {
         "ablations": list(raw["ablations"]),
+        "seeds": raw["train"]["seeds"],
         "data_source": raw["data"]["source"],
         "recipe": raw["train"]["recipe"],
         "mlflow_tracking_uri": "",
@@ -153,14 +156,14 @@ def test_secrets_are_env_from_secret_refs(compiled: tuple[dict, dict]) -> None:
         "exec-train-op": {"atmask-s3", "atmask-mlflow-client"},
         "exec-evaluate-op": {"atmask-s3", "atmask-mlflow-client"},
         "exec-register-op": {"atmask-s3", "atmask-mlflow-client"},
+        "exec-report-op": {"atmask-mlflow-client"},  # logs the study run
     }
     for name, secrets in expected.items():
         refs = {s["secretName"]: s for s in platform[name]["secretAsEnv"]}
         assert set(refs) == secrets
         for ref in refs.values():
             assert {e["envVar"] for e in ref["keyToEnv"]} <= set(pl.S3_KEYS + pl.MLFLOW_KEYS)
-    for name in ("exec-config-op", "exec-report-op"):
-        assert "secretAsEnv" not in platform.get(name, {})
+    assert "secretAsEnv" not in platform.get("exec-config-op", {})
 
 
 def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
@@ -203,6 +206,8 @@ def test_caching_off_only_for_register_and_the_source_fingerprint(compiled: tupl
         "overrides",
         "data_source",
         "recipe",
+        "ablations",
+        "seeds",
     }
     register_inputs = set(root["register-op"]["inputs"]["parameters"])
     assert {"register_candidate", "register_min_improvement", "mlflow_tracking_uri"} <= register_inputs
@@ -238,19 +243,20 @@ def test_checkpoint_dir_is_keyed_by_inputs(tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     params.write_text("a: 1\n")
     root = tmp_path / "ckpt"
-    assert runtime.checkpoint_dir("", params, "atmask", "c1") is None
-    assert runtime.checkpoint_dir(str(root), params, "atmask", "c1") is None  # volume not mounted
+    assert runtime.checkpoint_dir("", params, "atmask", 0, "c1") is None
+    assert runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1") is None  # volume not mounted
     root.mkdir()
-    first = runtime.checkpoint_dir(str(root), params, "atmask", "c1")
-    assert first == runtime.checkpoint_dir(str(root), params, "atmask", "c1")
-    assert first.parent == root and first.name.startswith("atmask-")
+    first = runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1")
+    assert first == runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1")
+    assert first.parent == root and first.name.startswith("atmask-seed0-")
     others = {
-        runtime.checkpoint_dir(str(root), params, "baseline", "c1"),
-        runtime.checkpoint_dir(str(root), params, "atmask", "c2"),
+        runtime.checkpoint_dir(str(root), params, "baseline", 0, "c1"),
+        runtime.checkpoint_dir(str(root), params, "atmask", 1, "c1"),
+        runtime.checkpoint_dir(str(root), params, "atmask", 0, "c2"),
     }
     params.write_text("a: 2\n")
-    others.add(runtime.checkpoint_dir(str(root), params, "atmask", "c1"))
-    assert len(others) == 3 and first not in others
+    others.add(runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1"))
+    assert len(others) == 4 and first not in others
 
 
 def test_train_step_with_work_dir_resumes_there_and_copies_the_run(
@@ -258,7 +264,7 @@ def test_train_step_with_work_dir_resumes_there_and_copies_the_run(
 ) -> None:
     calls = []
 
-    def train(params: Path, ablation: str, data: Path, out: Path) -> None:
+    def train(params: Path, ablation: str, seed: int, data: Path, out: Path) -> None:
         calls.append(out)
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "checkpoints" / f"step{len(calls)}.pt").write_text("ckpt")
@@ -266,8 +272,8 @@ def test_train_step_with_work_dir_resumes_there_and_copies_the_run(
 
     monkeypatch.setattr(runtime, "_train", train)
     work, out = tmp_path / "work", tmp_path / "out"
-    runtime.train_step(tmp_path / "p.yaml", "atmask", tmp_path / "data", out, work)
-    runtime.train_step(tmp_path / "p.yaml", "atmask", tmp_path / "data", out, work)  # the retried pod
+    runtime.train_step(tmp_path / "p.yaml", "atmask", 0, tmp_path / "data", out, work)
+    runtime.train_step(tmp_path / "p.yaml", "atmask", 0, tmp_path / "data", out, work)  # the retried pod
     assert calls == [work, work]
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["step1.pt", "step2.pt"]
     assert sorted(p.name for p in out.iterdir()) == ["model.pt"]
@@ -422,11 +428,12 @@ def test_run_local_executes_whole_dag(
         == 0
     )
     for ablation in ("baseline", "atmask"):
-        metrics = json.loads((work / "runs" / ablation / "metrics.json").read_text())
+        metrics = json.loads((work / "runs" / ablation / "seed0" / "metrics.json").read_text())
         for key in ("segm/AP", "bbox/AP", "boundary/AP", "threshold_sweep/0.5/segm_AP"):
             assert 0.0 <= metrics[key] <= 1.0 or metrics[key] == -1.0
-        assert (work / "runs" / ablation / "model.pt").is_file()
-    assert "threshold_sweep/adaptive/segm_AP" in json.loads((work / "runs/atmask/metrics.json").read_text())
+        assert (work / "runs" / ablation / "seed0" / "model.pt").is_file()
+    atmask_metrics = json.loads((work / "runs/atmask/seed0/metrics.json").read_text())
+    assert "threshold_sweep/adaptive/segm_AP" in atmask_metrics
     table = (work / "reports" / "ablations.md").read_text()
     assert "| baseline |" in table and "| atmask |" in table
     decision = json.loads((work / "reports" / "registry.json").read_text())
