@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -149,23 +151,27 @@ def test_repro_runs_the_whole_dag_and_leaves_every_output(reproduced: Path) -> N
     assert not any(p.name.endswith(".tmp") for p in reproduced.rglob("*"))
 
 
-@pytest.mark.slow
-@pytest.mark.integration
-def test_second_repro_does_nothing_and_one_k_reruns_only_its_branch(reproduced: Path) -> None:
-    assert "Data and pipelines are up to date" in dvc(reproduced, "status").stdout
-    assert ran_stages(dvc(reproduced, "repro").stdout) == set()
-
-    params = reproduced / "params.yaml"
+@contextlib.contextmanager
+def edited_params(
+    repo: Path, *leftovers: str, repro_after: bool = True
+) -> Iterator[tuple[dict[str, Any], Callable[[], None]]]:
+    """params.yaml as a dict to edit (written back on entering the block); on leaving, the original file
+    is restored, ``leftovers`` (run folders the edit created) removed, and the DAG brought back."""
+    params = repo / "params.yaml"
     original = params.read_text()
     raw = yaml.safe_load(original)
-    raw["ablations"]["atmask"]["k"] = 1.5
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    def write() -> None:
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
     try:
-        rerun = ran_stages(dvc(reproduced, "repro").stdout)
-        assert rerun == {"train@atmask-0", "evaluate@atmask-0", "report", "register"}
+        yield raw, write
     finally:
         params.write_text(original)
-        dvc(reproduced, "repro")  # back to the state the other tests expect
+        for rel in leftovers:
+            shutil.rmtree(repo / rel, ignore_errors=True)
+        if repro_after:
+            dvc(repo, "repro")  # back to the state the other tests expect
 
 
 def _changed_stages(repo: Path) -> set[str]:
@@ -174,53 +180,48 @@ def _changed_stages(repo: Path) -> set[str]:
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_second_repro_does_nothing_and_one_k_reruns_only_its_branch(reproduced: Path) -> None:
+    assert "Data and pipelines are up to date" in dvc(reproduced, "status").stdout
+    assert ran_stages(dvc(reproduced, "repro").stdout) == set()
+    with edited_params(reproduced) as (raw, write):
+        raw["ablations"]["atmask"]["k"] = 1.5
+        write()
+        rerun = ran_stages(dvc(reproduced, "repro").stdout)
+        assert rerun == {"train@atmask-0", "evaluate@atmask-0", "report", "register"}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_only_the_selected_recipe_is_a_dependency(reproduced: Path) -> None:
-    params = reproduced / "params.yaml"
-    original = params.read_text()
-    raw = yaml.safe_load(original)
-    try:
+    with edited_params(reproduced, repro_after=False) as (raw, write):
         raw["recipes"]["r101_fpn_coco"]["lr"] = 0.01  # not the selected recipe
-        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        write()
         assert _changed_stages(reproduced) == set()
         raw["recipes"]["cpu_demo"]["lr"] = 0.01  # the selected one: every model trains again
-        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        write()
         assert _changed_stages(reproduced) == {f"train@{a}-0" for a in ABLATIONS}
-    finally:
-        params.write_text(original)
     assert _changed_stages(reproduced) == set()
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_new_ablation_is_one_entry_in_params_yaml(reproduced: Path) -> None:
-    params = reproduced / "params.yaml"
-    original = params.read_text()
-    raw = yaml.safe_load(original)
-    raw["ablations"]["atmask_k3"] = {"base": "atmask", "k": 3.0}
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    try:
+    with edited_params(reproduced, "runs/atmask_k3") as (raw, write):
+        raw["ablations"]["atmask_k3"] = {"base": "atmask", "k": 3.0}
+        write()
         rerun = ran_stages(dvc(reproduced, "repro").stdout)
         assert rerun == {"train@atmask_k3-0", "evaluate@atmask_k3-0", "report", "register"}
-        assert (
-            "| atmask_k3 | ✓ | ✓ | ✓ | P2 | 3 |  | 1 |"
-            in (reproduced / "reports" / "ablations.md").read_text()
-        )
-    finally:
-        params.write_text(original)
-        shutil.rmtree(reproduced / "runs" / "atmask_k3")
-        dvc(reproduced, "repro")  # back to the state the other tests expect
+        table = (reproduced / "reports" / "ablations.md").read_text()
+        assert "| atmask_k3 | ✓ | ✓ | ✓ | P2 | 3 |  | 1 |" in table
 
 
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_new_seed_runs_only_its_pairs_and_the_report_gives_intervals(reproduced: Path) -> None:
-    params = reproduced / "params.yaml"
-    original = params.read_text()
-    raw = yaml.safe_load(original)
-    raw["ablations"] = {"baseline": {}, "atmask": {}}
-    raw["train"]["seeds"] = [0, 1]
-    params.write_text(yaml.safe_dump(raw, sort_keys=False))
-    try:
+    with edited_params(reproduced, "runs/baseline/seed1", "runs/atmask/seed1") as (raw, write):
+        raw["ablations"] = {"baseline": {}, "atmask": {}}
+        raw["train"]["seeds"] = [0, 1]
+        write()
         rerun = ran_stages(dvc(reproduced, "repro").stdout)
         new = {f"{stage}@{a}-1" for a in ("baseline", "atmask") for stage in ("train", "evaluate")}
         assert rerun == new | {"report", "register"}
@@ -229,11 +230,6 @@ def test_a_new_seed_runs_only_its_pairs_and_the_report_gives_intervals(reproduce
         cells = [c.strip() for c in atmask_row.strip("|").split("|")]
         assert cells[7] == "2" and " ± " in cells[8]  # two seeds: mean ± std
         assert re.fullmatch(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]( n\.s\.)?", cells[-3])  # ΔAP [95% CI]
-    finally:
-        params.write_text(original)
-        for ablation in ("baseline", "atmask"):
-            shutil.rmtree(reproduced / "runs" / ablation / "seed1")
-        dvc(reproduced, "repro")  # back to the state the other tests expect
 
 
 @pytest.mark.slow
