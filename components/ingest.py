@@ -4,11 +4,14 @@ Output (``--out``, default ``data/coco``)::
 
     images/<split>/<file_name>           JPEG/PNG as given; non-RGB, 16-bit, CMYK, EXIF-rotated -> RGB PNG
     annotations/instances_<split>.json   COCO: info, licenses, categories, images, annotations
-    manifest.json                        counts, categories, checksums, source + fingerprint, ingest version
-    ingest_report.json                   every problem: split, file, id, field, reason, action
+    manifest.json                        counts, categories (+ id -> training label), checksums, source +
+                                         fingerprint, ingest version
+    ingest_report.json                   every problem: split, file, id, field, reason, action; counts
 
 The whole output is written into a temporary folder beside ``--out`` and renamed at the end, so a failed
-run leaves nothing partial behind. A run whose source fingerprint matches ``manifest.json`` does nothing.
+run leaves nothing partial behind (and a previous output as it was); when it had found problems, they go
+to ``<out>.ingest_report.failed.json`` beside it. A run whose source fingerprint matches ``manifest.json``
+does nothing.
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ from components.coco_validate import (
     merge_categories,
 )
 from components.errors import UserError
+from components.images import ImageLimits
 from components.ingest_images import CHECK_MODES, ImageOutcome, process_image
+from components.ingest_report import (
+    SplitCounts,
+    fail_with_report,
+    failed_report_path,
+    no_usable_images,
+    report,
+    strict_failure,
+)
 from components.ingest_sources import (
     COCO2017_BASE_URL,
     HttpSource,
@@ -50,10 +62,10 @@ from components.ingest_sources import (
     locate_split,
     parse_http_source,
 )
-from components.io import atomic_dir, write_json_atomic
+from components.io import DiskFull, atomic_dir, disk_full_error, is_disk_full, write_json_atomic
 from components.synthetic import SyntheticConfig
 
-INGEST_VERSION = "1"
+INGEST_VERSION = "2"  # 2: category id 0, image limits, counts in the report
 DEFAULT_OUT = Path("data/coco")
 _ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False, allow_nan=False)
 
@@ -93,6 +105,7 @@ class SplitWork:
     reporter: Reporter
     image_hashes: dict[str, str]
     conversions: list[dict[str, Any]]
+    counts: SplitCounts
 
 
 def check_images(
@@ -105,6 +118,7 @@ def check_images(
     workers: int,
     link: bool,
     split: str,
+    limits: ImageLimits | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str], list[dict[str, Any]], set[int]]:
     """Check image files in parallel. Returns kept entries, {file_name: sha256}, conversions, dropped ids."""
     if mode == "none":  # annotations only: trust the declared sizes
@@ -114,7 +128,9 @@ def check_images(
         taken = frozenset(e["file_name"] for e in entries)
 
         def one(entry: dict[str, Any]) -> ImageOutcome:
-            return process_image(entry, image_dir, dst_dir, mode=mode, link=link, taken_names=taken)
+            return process_image(
+                entry, image_dir, dst_dir, mode=mode, link=link, taken_names=taken, limits=limits
+            )
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             outcomes = list(
@@ -171,10 +187,17 @@ def process_split(
     image_check: str = "full",
     workers: int = 1,
     link: bool = False,
+    limits: ImageLimits | None = None,
+    reporter: Reporter | None = None,
+    counts: SplitCounts | None = None,
 ) -> SplitWork:
-    """Stream-validate one annotation file; images go to ``work_dir/images/<split>`` (unless mode none)."""
+    """Stream-validate one annotation file; images go to ``work_dir/images/<split>`` (unless mode none).
+
+    ``reporter`` and ``counts`` (made here when not given) hold what was found so far if this raises.
+    """
     label = ann_label or ann_path.name
-    rep = Reporter(split, label)
+    rep = reporter or Reporter(split, label)
+    tally = counts or SplitCounts()
     parts: dict[str, Any] = {}
     checker: AnnotationChecker | None = None
     buffered: list[Any] | None = None
@@ -188,14 +211,14 @@ def process_split(
                 f"{label}: field 'images' is missing; a COCO file needs images, annotations, categories"
             )
         entries = check_image_entries(raw, rep)
+        tally.images_listed = len(raw)
         kept, hashes, conversions, dropped = check_images(
-            entries, image_dir, dst, rep, mode=image_check, workers=workers, link=link, split=split
-        )
+            entries, image_dir, dst, rep, mode=image_check, workers=workers, link=link, split=split,
+            limits=limits,
+        )  # fmt: skip
+        tally.images_kept = len(kept)
         if not kept:
-            raise UserError(
-                f"{label}: no usable images in split {split!r} ({len(entries)} listed, all quarantined "
-                "or none given); check file_name entries and the image folder"
-            )
+            raise UserError(no_usable_images(label, split, tally, [p.to_dict() for p in rep.problems]))
         parts.update(kept=kept, hashes=hashes, conversions=conversions)
         return AnnotationChecker({e["id"]: (e["width"], e["height"]) for e in kept}, dropped, rep)
 
@@ -207,7 +230,7 @@ def process_split(
                 buffered = list(value)  # unusual order: images after annotations
             elif key == "annotations":
                 checker = start_annotations()
-                _stream(value, checker, fh)
+                tally.annotations_listed = _stream(value, checker, fh)
             elif key == "images":
                 parts["images"] = list(value) if isinstance(value, GeneratorType) else value
             else:
@@ -216,7 +239,7 @@ def process_split(
             if buffered is None:
                 raise UserError(f"{label}: field 'annotations' is missing; a COCO instances file needs it")
             checker = start_annotations()
-            _stream(buffered, checker, fh)
+            tally.annotations_listed = _stream(buffered, checker, fh)
     return SplitWork(
         split,
         label,
@@ -229,11 +252,14 @@ def process_split(
         rep,
         parts["hashes"],
         parts["conversions"],
+        tally,
     )
 
 
-def _stream(annotations: Any, checker: AnnotationChecker, fh: Any) -> None:
+def _stream(annotations: Any, checker: AnnotationChecker, fh: Any) -> int:
+    """Check and write every annotation; returns how many were listed."""
     encode, write = _ENCODER.encode, fh.write
+    i = -1
     for i, ann in enumerate(annotations):
         kept = checker.check(ann, i)
         if kept is None:
@@ -245,6 +271,7 @@ def _stream(annotations: Any, checker: AnnotationChecker, fh: Any) -> None:
             continue
         write(text)
         write("\n")
+    return i + 1
 
 
 def assemble_split(work: SplitWork, categories: list[dict[str, Any]], out_file: Path) -> dict[str, Any]:
@@ -285,11 +312,13 @@ def assemble_split(work: SplitWork, categories: list[dict[str, Any]], out_file: 
     image_digest = hashlib.sha256(
         "".join(f"{k} {v}\n" for k, v in sorted(work.image_hashes.items())).encode()
     )
+    work.counts.annotations_kept = kept
+    work.counts.empty_categories = sorted(c for c in valid if not per_cat[c])
     return {
         "images": len(work.images),
         "annotations": kept,
         "crowd_annotations": crowd,
-        "instances_per_category": {str(k): per_cat[k] for k in sorted(per_cat)},
+        "instances_per_category": {str(k): per_cat[k] for k in sorted(valid)},
         "annotations_sha256": digest.hexdigest(),
         "images_sha256": image_digest.hexdigest(),
     }
@@ -344,14 +373,6 @@ def _load_problems(out: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _strict_failure(problems: list[dict[str, Any]]) -> UserError:
-    first = "; ".join(f"{p['file']} id {p['id']} field {p['field']}: {p['reason']}" for p in problems[:3])
-    return UserError(
-        f"--strict: {len(problems)} problem(s) found, nothing was written (first: {first}); fix the data or "
-        "run without --strict to repair/quarantine and get the full report"
-    )
-
-
 def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], strict: bool) -> dict[str, Any]:
     categories = merge_categories({w.split: w.categories for w in works})
     split_stats = {
@@ -360,14 +381,10 @@ def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], st
     }
     problems = [p.to_dict() for w in works for p in w.reporter.problems]
     if strict and problems:
-        raise _strict_failure(problems)
-    report = {
-        **header,
-        "problems": problems,
-        "conversions": [c for w in works for c in w.conversions],
-        "summary": dict(Counter(p["action"] for p in problems)),
-    }
-    write_json_atomic(tmp / "ingest_report.json", report)
+        raise strict_failure(problems)
+    conversions = [c for w in works for c in w.conversions]
+    full = report(header, problems, {w.split: w.counts for w in works}, conversions)
+    write_json_atomic(tmp / "ingest_report.json", full)
     files = {f"images/{w.split}/{k}": v for w in works for k, v in w.image_hashes.items()}
     files.update(
         {f"annotations/instances_{s}.json": st["annotations_sha256"] for s, st in split_stats.items()}
@@ -378,15 +395,25 @@ def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], st
         **header,
         "splits": split_stats,
         "categories": categories,
+        # training labels are 1..C in ascending category id order (model.data.CategoryMap); 0 is background
+        "category_labels": {str(c["id"]): i + 1 for i, c in enumerate(categories)},
+        "categories_without_annotations": {
+            w.split: w.counts.empty_categories for w in works if w.counts.empty_categories
+        },
         "checksum": checksum,
-        "problems": report["summary"],
+        "problems": full["summary"],
     }
     write_json_atomic(tmp / "manifest.json", manifest)
     return manifest
 
 
 def _source_and_fingerprint(
-    source: str, splits: tuple[str, ...], strict: bool, image_check: str, **source_options: Any
+    source: str,
+    splits: tuple[str, ...],
+    strict: bool,
+    image_check: str,
+    image_limits: ImageLimits | None = None,
+    **source_options: Any,
 ) -> tuple[Source, dict[str, Any], str]:
     """The source, the output-relevant options, and a hash of both that changes when the data would."""
     if not splits:
@@ -394,7 +421,8 @@ def _source_and_fingerprint(
     if image_check not in CHECK_MODES:
         raise UserError(f"--image-check: {image_check!r} is not one of {', '.join(CHECK_MODES)}")
     src = make_source(source, splits, **source_options)
-    options = {"splits": list(splits), "strict": strict, "image_check": image_check}
+    limits = (image_limits or ImageLimits()).to_mapping()
+    options = {"splits": list(splits), "strict": strict, "image_check": image_check, "image_limits": limits}
     blob = json.dumps({"v": INGEST_VERSION, "source": src.fingerprint(), "options": options}, sort_keys=True)
     return src, options, hashlib.sha256(blob.encode()).hexdigest()
 
@@ -405,13 +433,14 @@ def source_fingerprint(
     splits: tuple[str, ...] = ("train", "val"),
     strict: bool = False,
     image_check: str = "full",
+    image_limits: ImageLimits | None = None,
     **source_options: Any,
 ) -> str:
     """What ``ingest`` would record as ``source_fingerprint``, without downloading or writing anything:
     file listings, sizes, ETags or archive versions only. Orchestrators use it as a cache key."""
     splits = tuple(dict.fromkeys(splits))
     source_options["workers"] = source_options.get("workers") or default_workers()
-    return _source_and_fingerprint(source, splits, strict, image_check, **source_options)[2]
+    return _source_and_fingerprint(source, splits, strict, image_check, image_limits, **source_options)[2]
 
 
 def ingest(
@@ -428,8 +457,12 @@ def ingest(
     checksum: str | None = None,
     coco_base_url: str | None = None,
     force: bool = False,
+    image_limits: ImageLimits | None = None,
 ) -> IngestResult:
-    """Validate ``source`` and write the normalised dataset to ``out`` (see the module docstring)."""
+    """Validate ``source`` and write the normalised dataset to ``out`` (see the module docstring).
+
+    ``image_limits``: the largest image accepted (default :class:`ImageLimits`); larger ones are quarantined.
+    """
     out = Path(out)
     splits = tuple(dict.fromkeys(splits))
     workers = workers or default_workers()
@@ -438,6 +471,7 @@ def ingest(
         splits,
         strict,
         image_check,
+        image_limits,
         s3_endpoint_url=s3_endpoint_url,
         synthetic=synthetic,
         workers=workers,
@@ -455,6 +489,7 @@ def ingest(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    found: dict[str, tuple[Reporter, SplitCounts]] = {}  # what each split had shown when a fatal error hit
     try:
         root = src.materialise(staging)
         with atomic_dir(out) as tmp:
@@ -462,6 +497,7 @@ def ingest(
             for split in splits:
                 ann, images = locate_split(root, split)
                 label = os.path.relpath(ann, root)
+                found[split] = (Reporter(split, label), SplitCounts())
                 works.append(
                     process_split(
                         split,
@@ -472,11 +508,25 @@ def ingest(
                         image_check=image_check,
                         workers=workers,
                         link=src.link_ok,
+                        limits=image_limits,
+                        reporter=found[split][0],
+                        counts=found[split][1],
                     )
                 )
             manifest = _write_outputs(tmp, works, header, strict)
+    except DiskFull as err:  # named after the output, not the temporary file it was writing
+        raise disk_full_error(out, err.os_error) from None
+    except UserError as err:
+        problems = [p.to_dict() for rep, _ in found.values() for p in rep.problems]
+        counts = {split: c for split, (_, c) in found.items()}
+        raise fail_with_report(out, header, err, problems, counts) from None
+    except OSError as err:
+        if is_disk_full(err):  # e.g. while materialising the source in the staging folder
+            raise disk_full_error(out, err) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    failed_report_path(out).unlink(missing_ok=True)
     return IngestResult(out, False, manifest, _load_problems(out))
 
 
@@ -609,7 +659,9 @@ def _print_summary(result: IngestResult) -> None:
         f"{s}: {v['images']} images / {v['annotations']} annotations"
         for s, v in result.manifest["splits"].items()
     )
+    empty = result.manifest.get("categories_without_annotations") or {}
+    note = "".join(f"; {s}: no annotation of category id(s) {ids}" for s, ids in empty.items())
     print(
         f"{result.out}: {counts}; {result.count('repaired')} repaired, {result.count('quarantined')} "
-        f"quarantined (see {result.out / 'ingest_report.json'})"
+        f"quarantined{note} (see {result.out / 'ingest_report.json'})"
     )
