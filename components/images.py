@@ -80,13 +80,17 @@ class ImageLimits:
 
     def check_size(self, width: int, height: int) -> None:
         pixels = width * height
-        if pixels > self.max_pixels or max(width, height) > self.max_side:
-            raise BadImage(
-                "too large",
-                f"{width}x{height} pixels ({pixels / 1e6:.1f} MP) is over the limit of "
-                f"{self.max_pixels / 1e6:.1f} MP and {self.max_side} px a side (max_image_pixels, "
-                "max_image_side): a decompression bomb or an oversized scan; downscale it",
-            )
+        if pixels > self.max_pixels:
+            over = f"over the limit of {_mp(self.max_pixels)} (max_image_pixels)"
+        elif max(width, height) > self.max_side:
+            over = f"over the limit of {self.max_side} px a side (max_image_side)"
+        else:
+            return
+        raise BadImage(
+            "too large",
+            f"{width}x{height} pixels ({_mp(pixels)}) is {over}: a decompression bomb or an oversized "
+            "image; downscale it",
+        )
 
 
 class BadImage(ValueError):
@@ -98,8 +102,12 @@ class BadImage(ValueError):
         super().__init__(f"{kind}: {self.detail}")
 
 
+def _mp(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} MP" if pixels >= 100_000 else f"{pixels} pixels"
+
+
 def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
+    return f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size} bytes"
 
 
 def sniff(data: bytes) -> str | None:
@@ -140,7 +148,7 @@ def classify(err: BaseException) -> BadImage:
         return BadImage(
             "too large",
             f"{pixels} is over Pillow's hard limit of {2 * Image.MAX_IMAGE_PIXELS / 1e6:.1f} MP: "
-            "a decompression bomb or an oversized scan; downscale it",
+            "a decompression bomb or an oversized image; downscale it",
         )
     lowered = text.lower()
     if "conversion from" in lowered or "not supported" in lowered or "unknown pixel mode" in lowered:

@@ -53,6 +53,8 @@ def _orientation(im: Image.Image) -> int:
     try:
         value = im.getexif().get(ORIENTATION_TAG, 1)
     except Exception:
+        if im.format == "PNG":  # PNG's getexif decodes the pixels: this is the image's decode error
+            raise
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
