@@ -151,7 +151,11 @@ def _check_image_entry(img: Any, index: int, rep: Reporter, ids: set[int], names
         return None
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-        rep.quarantined(iid, "file_name", f"unsafe file_name {name!r}: must be relative, without '..'")
+        rep.quarantined(
+            iid,
+            "file_name",
+            f"unsafe file_name {name!r}: must be relative to the split's image folder, without '..'",
+        )
         return None
     if name in names:
         rep.quarantined(iid, "file_name", f"file_name {name!r} is used by another image")

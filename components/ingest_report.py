@@ -73,7 +73,9 @@ def describe_top(problems: list[dict[str, Any]], n: int = 3) -> str:
     parts = []
     for top in top_reasons(problems, n):
         ex = top["example"]
-        reason = ex["reason"] if len(ex["reason"]) <= 200 else ex["reason"][:197] + "..."
+        reason = (
+            ex["reason"] if len(ex["reason"]) <= 300 else ex["reason"][:100] + "..." + ex["reason"][-197:]
+        )
         parts.append(f"{top['count']}x {ex['action']} {ex['field']}: {reason} (e.g. id {ex['id']})")
     return "; ".join(parts) if parts else "no problem recorded"
 
