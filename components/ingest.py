@@ -23,34 +23,15 @@ import json
 import os
 import shutil
 import tempfile
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import GeneratorType
 from typing import Any
 
-from tqdm import tqdm
-
-from components.coco_json import CocoJsonReader
-from components.coco_validate import (
-    AnnotationChecker,
-    Reporter,
-    check_categories,
-    check_image_entries,
-    merge_categories,
-)
+from components.coco_validate import Reporter, merge_categories
 from components.errors import UserError
 from components.images import ImageLimits
-from components.ingest_images import CHECK_MODES, ImageOutcome, process_image
-from components.ingest_report import (
-    SplitCounts,
-    fail_with_report,
-    failed_report_path,
-    no_usable_images,
-    report,
-    strict_failure,
-)
+from components.ingest_images import CHECK_MODES
+from components.ingest_report import SplitCounts, fail_with_report, failed_report_path, report, strict_failure
 from components.ingest_sources import (
     COCO2017_BASE_URL,
     HttpSource,
@@ -62,12 +43,14 @@ from components.ingest_sources import (
     locate_split,
     parse_http_source,
 )
+from components.ingest_split import SplitWork, assemble_split, check_images, process_split
 from components.io import DiskFull, atomic_dir, disk_full_error, is_disk_full, write_json_atomic
 from components.synthetic import SyntheticConfig
 
+__all__ = ["IngestResult", "assemble_split", "check_images", "ingest", "process_split", "source_fingerprint"]
+
 INGEST_VERSION = "2"  # 2: category id 0, image limits, counts in the report
 DEFAULT_OUT = Path("data/coco")
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False, allow_nan=False)
 
 
 def default_workers() -> int:
@@ -87,241 +70,6 @@ class IngestResult:
 
     def count(self, action: str) -> int:
         return sum(1 for p in self.problems if p["action"] == action)
-
-
-# ---------------------------------------------------------------- one split
-
-
-@dataclass
-class SplitWork:
-    split: str
-    ann_file: str
-    info: Any
-    licenses: Any
-    categories: list[dict[str, Any]]
-    images: list[dict[str, Any]]
-    lines: Path
-    checker: AnnotationChecker
-    reporter: Reporter
-    image_hashes: dict[str, str]
-    conversions: list[dict[str, Any]]
-    counts: SplitCounts
-
-
-def check_images(
-    entries: list[dict[str, Any]],
-    image_dir: Path | None,
-    dst_dir: Path | None,
-    rep: Reporter,
-    *,
-    mode: str,
-    workers: int,
-    link: bool,
-    split: str,
-    limits: ImageLimits | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, str], list[dict[str, Any]], set[int]]:
-    """Check image files in parallel. Returns kept entries, {file_name: sha256}, conversions, dropped ids."""
-    if mode == "none":  # annotations only: trust the declared sizes
-        outcomes = [_declared_only(e) for e in entries]
-    else:
-        assert image_dir is not None
-        taken = frozenset(e["file_name"] for e in entries)
-
-        def one(entry: dict[str, Any]) -> ImageOutcome:
-            return process_image(
-                entry, image_dir, dst_dir, mode=mode, link=link, taken_names=taken, limits=limits
-            )
-
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            outcomes = list(
-                tqdm(
-                    pool.map(one, entries),
-                    total=len(entries),
-                    desc=f"images {split}",
-                    unit="img",
-                    disable=None,
-                )
-            )
-    kept, hashes, conversions, dropped = [], {}, [], set()
-    for entry, outcome in zip(entries, outcomes, strict=True):
-        img_file = f"{image_dir.name}/{entry['file_name']}" if image_dir else entry["file_name"]
-        for field_name, reason, action in outcome.problems:
-            (rep.repaired if action == "repaired" else rep.quarantined)(
-                entry["id"], field_name, reason, img_file
-            )
-        if not outcome.ok:
-            dropped.add(entry["id"])
-            continue
-        if outcome.conversion:
-            conversions.append(
-                {
-                    "split": split,
-                    "file": img_file,
-                    "id": entry["id"],
-                    "from": outcome.conversion,
-                    "to": outcome.file_name,
-                }
-            )
-        kept.append(
-            {**entry, "file_name": outcome.file_name, "width": outcome.width, "height": outcome.height}
-        )
-        if outcome.sha256:
-            hashes[outcome.file_name] = outcome.sha256
-    return kept, hashes, conversions, dropped
-
-
-def _declared_only(entry: dict[str, Any]) -> ImageOutcome:
-    out = ImageOutcome(entry["id"], entry["file_name"], entry.get("width"), entry.get("height"))
-    if not out.width or not out.height:
-        out.quarantine("width/height", "width/height missing and image files are not checked")
-    return out
-
-
-def process_split(
-    split: str,
-    ann_path: Path,
-    image_dir: Path | None,
-    work_dir: Path,
-    *,
-    ann_label: str | None = None,
-    image_check: str = "full",
-    workers: int = 1,
-    link: bool = False,
-    limits: ImageLimits | None = None,
-    reporter: Reporter | None = None,
-    counts: SplitCounts | None = None,
-) -> SplitWork:
-    """Stream-validate one annotation file; images go to ``work_dir/images/<split>`` (unless mode none).
-
-    ``reporter`` and ``counts`` (made here when not given) hold what was found so far if this raises.
-    """
-    label = ann_label or ann_path.name
-    rep = reporter or Reporter(split, label)
-    tally = counts or SplitCounts()
-    parts: dict[str, Any] = {}
-    checker: AnnotationChecker | None = None
-    buffered: list[Any] | None = None
-    lines = work_dir / f".{split}.annotations.jsonl"
-    dst = work_dir / "images" / split if image_check != "none" else None
-
-    def start_annotations() -> AnnotationChecker:
-        raw = parts.get("images")
-        if raw is None:
-            raise UserError(
-                f"{label}: field 'images' is missing; a COCO file needs images, annotations, categories"
-            )
-        entries = check_image_entries(raw, rep)
-        tally.images_listed = len(raw)
-        kept, hashes, conversions, dropped = check_images(
-            entries, image_dir, dst, rep, mode=image_check, workers=workers, link=link, split=split,
-            limits=limits,
-        )  # fmt: skip
-        tally.images_kept = len(kept)
-        if not kept:
-            raise UserError(no_usable_images(label, split, tally, [p.to_dict() for p in rep.problems]))
-        parts.update(kept=kept, hashes=hashes, conversions=conversions)
-        return AnnotationChecker({e["id"]: (e["width"], e["height"]) for e in kept}, dropped, rep)
-
-    with CocoJsonReader(ann_path) as reader, open(lines, "w", encoding="utf-8") as fh:
-        for key, value in reader.items():
-            if key == "annotations" and not isinstance(value, GeneratorType):
-                raise UserError(f"{label}: field 'annotations' must be a list, got {type(value).__name__}")
-            if key == "annotations" and "images" not in parts:
-                buffered = list(value)  # unusual order: images after annotations
-            elif key == "annotations":
-                checker = start_annotations()
-                tally.annotations_listed = _stream(value, checker, fh)
-            elif key == "images":
-                parts["images"] = list(value) if isinstance(value, GeneratorType) else value
-            else:
-                parts[key] = value
-        if checker is None:
-            if buffered is None:
-                raise UserError(f"{label}: field 'annotations' is missing; a COCO instances file needs it")
-            checker = start_annotations()
-            tally.annotations_listed = _stream(buffered, checker, fh)
-    return SplitWork(
-        split,
-        label,
-        parts.get("info") if isinstance(parts.get("info"), dict) else {},
-        parts.get("licenses") if isinstance(parts.get("licenses"), list) else [],
-        check_categories(parts.get("categories"), label),
-        parts["kept"],
-        lines,
-        checker,
-        rep,
-        parts["hashes"],
-        parts["conversions"],
-        tally,
-    )
-
-
-def _stream(annotations: Any, checker: AnnotationChecker, fh: Any) -> int:
-    """Check and write every annotation; returns how many were listed."""
-    encode, write = _ENCODER.encode, fh.write
-    i = -1
-    for i, ann in enumerate(annotations):
-        kept = checker.check(ann, i)
-        if kept is None:
-            continue
-        try:
-            text = encode(kept)
-        except ValueError:  # NaN/Infinity in a field no check looks at (JSON has no such numbers)
-            checker.reject_last("annotations", "a value is NaN or Infinity, which JSON does not allow")
-            continue
-        write(text)
-        write("\n")
-    return i + 1
-
-
-def assemble_split(work: SplitWork, categories: list[dict[str, Any]], out_file: Path) -> dict[str, Any]:
-    """Write the final annotation file (dangling category ids quarantined here) and return its stats."""
-    valid = {c["id"] for c in categories}
-    chk, rep = work.checker, work.reporter
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    per_cat: Counter[int] = Counter()
-    kept = crowd = 0
-    head = {"info": work.info, "licenses": work.licenses, "categories": categories, "images": work.images}
-    with open(work.lines, encoding="utf-8") as src, open(out_file, "w", encoding="utf-8") as dst:
-
-        def put(text: str) -> None:
-            dst.write(text)
-            digest.update(text.encode("utf-8"))
-
-        try:
-            put(_ENCODER.encode(head)[:-1] + ',"annotations":[')
-        except ValueError:
-            raise UserError(
-                f"{work.ann_file}: 'info', 'licenses' or an image entry holds NaN or Infinity, which JSON does "
-                "not allow; remove or replace those values"
-            ) from None
-        for i, line in enumerate(src):
-            cid = chk.category_ids[i]
-            if cid not in valid:
-                rep.quarantined(
-                    chk.ann_ids[i], "category_id", f"category_id {cid} does not match any category"
-                )
-                continue
-            put(("," if kept else "") + line.rstrip("\n"))
-            kept += 1
-            per_cat[cid] += 1
-            crowd += chk.crowd[i]
-        put("]}\n")
-    work.lines.unlink()
-    image_digest = hashlib.sha256(
-        "".join(f"{k} {v}\n" for k, v in sorted(work.image_hashes.items())).encode()
-    )
-    work.counts.annotations_kept = kept
-    work.counts.empty_categories = sorted(c for c in valid if not per_cat[c])
-    return {
-        "images": len(work.images),
-        "annotations": kept,
-        "crowd_annotations": crowd,
-        "instances_per_category": {str(k): per_cat[k] for k in sorted(valid)},
-        "annotations_sha256": digest.hexdigest(),
-        "images_sha256": image_digest.hexdigest(),
-    }
 
 
 # ---------------------------------------------------------------- the whole dataset
@@ -487,33 +235,30 @@ def ingest(
         "source_fingerprint": fingerprint,
         "options": options,
     }
+    options = {"image_check": image_check, "workers": workers, "link": src.link_ok, "limits": image_limits}
+    manifest = _build(src, out, splits, header, strict, options)
+    failed_report_path(out).unlink(missing_ok=True)
+    return IngestResult(out, False, manifest, _load_problems(out))
+
+
+def _build(
+    src: Source,
+    out: Path,
+    splits: tuple[str, ...],
+    header: dict[str, Any],
+    strict: bool,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the dataset into a temporary folder renamed onto ``out``; returns the manifest. A fatal error
+    leaves ``out`` as it was, with its evidence in the failure report beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     found: dict[str, tuple[Reporter, SplitCounts]] = {}  # what each split had shown when a fatal error hit
     try:
         root = src.materialise(staging)
         with atomic_dir(out) as tmp:
-            works = []
-            for split in splits:
-                ann, images = locate_split(root, split)
-                label = os.path.relpath(ann, root)
-                found[split] = (Reporter(split, label), SplitCounts())
-                works.append(
-                    process_split(
-                        split,
-                        ann,
-                        images,
-                        tmp,
-                        ann_label=label,
-                        image_check=image_check,
-                        workers=workers,
-                        link=src.link_ok,
-                        limits=image_limits,
-                        reporter=found[split][0],
-                        counts=found[split][1],
-                    )
-                )
-            manifest = _write_outputs(tmp, works, header, strict)
+            works = [_one_split(root, split, tmp, found, options) for split in splits]
+            return _write_outputs(tmp, works, header, strict)
     except DiskFull as err:  # named after the output, not the temporary file it was writing
         raise disk_full_error(out, err.os_error) from None
     except UserError as err:
@@ -526,8 +271,17 @@ def ingest(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    failed_report_path(out).unlink(missing_ok=True)
-    return IngestResult(out, False, manifest, _load_problems(out))
+
+
+def _one_split(
+    root: Path, split: str, tmp: Path, found: dict[str, tuple[Reporter, SplitCounts]], options: dict[str, Any]
+) -> SplitWork:
+    ann, images = locate_split(root, split)
+    label = os.path.relpath(ann, root)
+    found[split] = (Reporter(split, label), SplitCounts())
+    return process_split(
+        split, ann, images, tmp, ann_label=label, reporter=found[split][0], counts=found[split][1], **options
+    )
 
 
 # ---------------------------------------------------------------- CLI
