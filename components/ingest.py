@@ -228,6 +228,7 @@ def ingest(
         coco_base_url=coco_base_url,
     )
     if not force and (manifest := _up_to_date(out, fingerprint, splits)) is not None:
+        failed_report_path(out).unlink(missing_ok=True)  # a failure since then is moot: the source is back
         return IngestResult(out, True, manifest, _load_problems(out))
     header = {
         "ingest_version": INGEST_VERSION,
