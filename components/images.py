@@ -13,6 +13,7 @@ Reasons come in four kinds (:attr:`BadImage.kind`): ``too large`` (over :class:`
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 import warnings
@@ -21,6 +22,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from components.errors import UserError
 
 # Formats Pillow decodes by itself (no external programs such as Ghostscript): nothing else is opened.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM")  # JPEG includes MPO (camera JPEGs)
@@ -59,14 +62,17 @@ class ImageLimits:
     def __post_init__(self) -> None:
         for key, value in asdict(self).items():
             if type(value) is not int or value < 1:
-                raise ValueError(f"image limit {key} must be a positive integer, got {value!r}")
+                raise UserError(f"max_image_{key[4:]}: must be a positive integer, got {value!r}")
 
     @classmethod
     def from_mapping(cls, values: Any) -> ImageLimits:
-        """Limits from a mapping with (some of) the keys ``max_image_pixels|side|bytes`` or the field names."""
+        """Limits from the keys ``max_image_pixels``, ``max_image_side``, ``max_image_bytes`` of a mapping or
+        a dataclass (e.g. the params ``data:`` section); other keys are ignored, missing or None ones default."""
+        if dataclasses.is_dataclass(values) and not isinstance(values, type):
+            values = dataclasses.asdict(values)
         values = dict(values or {})
-        fields = {k.replace("max_image_", "max_"): v for k, v in values.items()}
-        return cls(**{k: fields[k] for k in ("max_pixels", "max_side", "max_bytes") if k in fields})
+        given = {k: values.get(f"max_image_{k[4:]}") for k in ("max_pixels", "max_side", "max_bytes")}
+        return cls(**{k: v for k, v in given.items() if v is not None})
 
     def to_mapping(self) -> dict[str, int]:
         return {f"max_image_{k[4:]}": v for k, v in asdict(self).items()}

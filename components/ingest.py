@@ -397,6 +397,7 @@ def run(args: argparse.Namespace) -> int:
         "cache_dir": Path(cache) if cache else None,
         "checksum": args.checksum,
         "coco_base_url": args.coco_base_url,
+        "image_limits": ImageLimits.from_mapping(params),  # data.max_image_{pixels,side,bytes}, if set
     }
     if args.fingerprint:
         print(source_fingerprint(source, **options))

@@ -151,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.score_threshold <= 1:
         raise UserError(f"--score-threshold: must be within [0, 1], got {args.score_threshold}")
     params = load_params(args.params) if args.params.is_file() else None
-    result = predict(args.images, args.model, args.out, args.score_threshold, params, args.device)
+    limits = ImageLimits.from_mapping(params.data) if params is not None else None
+    result = predict(args.images, args.model, args.out, args.score_threshold, params, args.device, limits)
     print(f"{len(result['annotations'])} detections in {len(result['images'])} images; wrote {args.out}")
     return 0

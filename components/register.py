@@ -268,7 +268,8 @@ def log_pyfunc(cand: Candidate, params: Params) -> Any:
             tags={"ablation": cand.ablation},
         )
     with active:
-        return mlflow.pyfunc.log_model(name="model", **pyfunc_spec(cand.run_dir / MODEL_FILE))
+        limits = ImageLimits.from_mapping(params.data)  # data.max_image_{pixels,side,bytes}, if set
+        return mlflow.pyfunc.log_model(name="model", **pyfunc_spec(cand.run_dir / MODEL_FILE, limits))
 
 
 def _mlflow_client(params: Params) -> tuple[Any, str]:
