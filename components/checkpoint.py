@@ -43,11 +43,32 @@ def sha256_file(path: Path) -> str:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
+    """Write ``path`` and then its sidecar. On a full disk neither is left (UserError, one line); older
+    checkpoints are untouched, so a rerun resumes from the newest one that verifies."""
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as err:  # torch reports a failed write as "unexpected pos": raise the cause
+            cause = _os_error_in(err)
+            if cause is None:
+                raise
+            raise cause from None
         fh.flush()
         os.fsync(fh.fileno())
-    write_text_atomic(path.with_name(path.name + ".sha256"), f"{sha256_file(path)}  {path.name}\n")
+    try:
+        write_text_atomic(path.with_name(path.name + ".sha256"), f"{sha256_file(path)}  {path.name}\n")
+    except UserError:
+        path.unlink(missing_ok=True)  # unverifiable without its sidecar: drop it, keep the older ones
+        raise
+
+
+def _os_error_in(err: BaseException) -> OSError | None:
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 # ---------------------------------------------------------------- model.pt

@@ -79,7 +79,9 @@ def _is_number(value: Any) -> bool:
 
 
 def check_categories(raw: Any, file: str) -> list[dict[str, Any]]:
-    """Categories sorted by id, each with id/name/supercategory. Bad categories are fatal."""
+    """Categories sorted by id, each with id/name/supercategory. Bad categories are fatal.
+
+    Any non-negative integer id is accepted (training maps them to labels 1..C in ascending order)."""
     if not isinstance(raw, list) or not raw:
         raise UserError(f"{file}: field 'categories' must be a non-empty list of {{id, name}} objects")
     out: dict[int, dict[str, Any]] = {}
@@ -88,8 +90,8 @@ def check_categories(raw: Any, file: str) -> list[dict[str, Any]]:
         if not isinstance(cat, dict):
             raise UserError(f"{where}: expected an object with id and name, got {type(cat).__name__}")
         cid, name = cat.get("id"), cat.get("name")
-        if not _is_id(cid) or cid < 1:
-            raise UserError(f"{where}.id: expected a positive integer, got {cid!r}")
+        if not _is_id(cid) or cid < 0:  # 0 is a valid COCO id (labelling tools export it)
+            raise UserError(f"{where}.id: expected a non-negative integer, got {cid!r}")
         if not isinstance(name, str) or not name:
             raise UserError(f"{where}.name: expected a non-empty string, got {name!r}")
         if cid in out:
@@ -149,7 +151,11 @@ def _check_image_entry(img: Any, index: int, rep: Reporter, ids: set[int], names
         return None
     parts = name.replace("\\", "/").split("/")
     if name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-        rep.quarantined(iid, "file_name", f"unsafe file_name {name!r}: must be relative, without '..'")
+        rep.quarantined(
+            iid,
+            "file_name",
+            f"unsafe file_name {name!r}: must be relative to the split's image folder, without '..'",
+        )
         return None
     if name in names:
         rep.quarantined(iid, "file_name", f"file_name {name!r} is used by another image")

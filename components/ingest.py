@@ -4,11 +4,14 @@ Output (``--out``, default ``data/coco``)::
 
     images/<split>/<file_name>           JPEG/PNG as given; non-RGB, 16-bit, CMYK, EXIF-rotated -> RGB PNG
     annotations/instances_<split>.json   COCO: info, licenses, categories, images, annotations
-    manifest.json                        counts, categories, checksums, source + fingerprint, ingest version
-    ingest_report.json                   every problem: split, file, id, field, reason, action
+    manifest.json                        counts, categories (+ id -> training label), checksums, source +
+                                         fingerprint, ingest version
+    ingest_report.json                   every problem: split, file, id, field, reason, action; counts
 
 The whole output is written into a temporary folder beside ``--out`` and renamed at the end, so a failed
-run leaves nothing partial behind. A run whose source fingerprint matches ``manifest.json`` does nothing.
+run leaves nothing partial behind (and a previous output as it was); when it had found problems, they go
+to ``<out>.ingest_report.failed.json`` beside it. A run whose source fingerprint matches ``manifest.json``
+does nothing.
 """
 
 from __future__ import annotations
@@ -20,25 +23,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import GeneratorType
 from typing import Any
 
-from tqdm import tqdm
-
-from components.coco_json import CocoJsonReader
-from components.coco_validate import (
-    AnnotationChecker,
-    Reporter,
-    check_categories,
-    check_image_entries,
-    merge_categories,
-)
+from components.coco_validate import Reporter, merge_categories
 from components.errors import UserError
-from components.ingest_images import ImageOutcome, process_image
+from components.images import ImageLimits
+from components.ingest_report import SplitCounts, fail_with_report, failed_report_path, report, strict_failure
 from components.ingest_sources import (
     COCO2017_BASE_URL,
     HttpSource,
@@ -50,14 +42,16 @@ from components.ingest_sources import (
     locate_split,
     parse_http_source,
 )
-from components.io import atomic_dir, write_json_atomic
+from components.ingest_split import SplitWork, assemble_split, check_images, process_split
+from components.io import DiskFull, atomic_dir, disk_full_error, is_disk_full, write_json_atomic
 from components.params import CHECK_MODES
 from components.run_layout import MANIFEST_FILE
 from components.synthetic import SyntheticConfig
 
-INGEST_VERSION = "1"
+__all__ = ["IngestResult", "assemble_split", "check_images", "ingest", "process_split", "source_fingerprint"]
+
+INGEST_VERSION = "2"  # 2: category id 0, image limits, counts in the report
 DEFAULT_OUT = Path("data/coco")
-_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), check_circular=False, allow_nan=False)
 
 
 def default_workers() -> int:
@@ -77,224 +71,6 @@ class IngestResult:
 
     def count(self, action: str) -> int:
         return sum(1 for p in self.problems if p["action"] == action)
-
-
-# ---------------------------------------------------------------- one split
-
-
-@dataclass
-class SplitWork:
-    split: str
-    ann_file: str
-    info: Any
-    licenses: Any
-    categories: list[dict[str, Any]]
-    images: list[dict[str, Any]]
-    lines: Path
-    checker: AnnotationChecker
-    reporter: Reporter
-    image_hashes: dict[str, str]
-    conversions: list[dict[str, Any]]
-
-
-def check_images(
-    entries: list[dict[str, Any]],
-    image_dir: Path | None,
-    dst_dir: Path | None,
-    rep: Reporter,
-    *,
-    mode: str,
-    workers: int,
-    link: bool,
-    split: str,
-) -> tuple[list[dict[str, Any]], dict[str, str], list[dict[str, Any]], set[int]]:
-    """Check image files in parallel. Returns kept entries, {file_name: sha256}, conversions, dropped ids."""
-    if mode == "none":  # annotations only: trust the declared sizes
-        outcomes = [_declared_only(e) for e in entries]
-    else:
-        assert image_dir is not None
-        taken = frozenset(e["file_name"] for e in entries)
-
-        def one(entry: dict[str, Any]) -> ImageOutcome:
-            return process_image(entry, image_dir, dst_dir, mode=mode, link=link, taken_names=taken)
-
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            outcomes = list(
-                tqdm(
-                    pool.map(one, entries),
-                    total=len(entries),
-                    desc=f"images {split}",
-                    unit="img",
-                    disable=None,
-                )
-            )
-    kept, hashes, conversions, dropped = [], {}, [], set()
-    for entry, outcome in zip(entries, outcomes, strict=True):
-        img_file = f"{image_dir.name}/{entry['file_name']}" if image_dir else entry["file_name"]
-        for field_name, reason, action in outcome.problems:
-            (rep.repaired if action == "repaired" else rep.quarantined)(
-                entry["id"], field_name, reason, img_file
-            )
-        if not outcome.ok:
-            dropped.add(entry["id"])
-            continue
-        if outcome.conversion:
-            conversions.append(
-                {
-                    "split": split,
-                    "file": img_file,
-                    "id": entry["id"],
-                    "from": outcome.conversion,
-                    "to": outcome.file_name,
-                }
-            )
-        kept.append(
-            {**entry, "file_name": outcome.file_name, "width": outcome.width, "height": outcome.height}
-        )
-        if outcome.sha256:
-            hashes[outcome.file_name] = outcome.sha256
-    return kept, hashes, conversions, dropped
-
-
-def _declared_only(entry: dict[str, Any]) -> ImageOutcome:
-    out = ImageOutcome(entry["id"], entry["file_name"], entry.get("width"), entry.get("height"))
-    if not out.width or not out.height:
-        out.quarantine("width/height", "width/height missing and image files are not checked")
-    return out
-
-
-def process_split(
-    split: str,
-    ann_path: Path,
-    image_dir: Path | None,
-    work_dir: Path,
-    *,
-    ann_label: str | None = None,
-    image_check: str = "full",
-    workers: int = 1,
-    link: bool = False,
-) -> SplitWork:
-    """Stream-validate one annotation file; images go to ``work_dir/images/<split>`` (unless mode none)."""
-    label = ann_label or ann_path.name
-    rep = Reporter(split, label)
-    parts: dict[str, Any] = {}
-    checker: AnnotationChecker | None = None
-    buffered: list[Any] | None = None
-    lines = work_dir / f".{split}.annotations.jsonl"
-    dst = work_dir / "images" / split if image_check != "none" else None
-
-    def start_annotations() -> AnnotationChecker:
-        raw = parts.get("images")
-        if raw is None:
-            raise UserError(
-                f"{label}: field 'images' is missing; a COCO file needs images, annotations, categories"
-            )
-        entries = check_image_entries(raw, rep)
-        kept, hashes, conversions, dropped = check_images(
-            entries, image_dir, dst, rep, mode=image_check, workers=workers, link=link, split=split
-        )
-        if not kept:
-            raise UserError(
-                f"{label}: no usable images in split {split!r} ({len(entries)} listed, all quarantined "
-                "or none given); check file_name entries and the image folder"
-            )
-        parts.update(kept=kept, hashes=hashes, conversions=conversions)
-        return AnnotationChecker({e["id"]: (e["width"], e["height"]) for e in kept}, dropped, rep)
-
-    with CocoJsonReader(ann_path) as reader, open(lines, "w", encoding="utf-8") as fh:
-        for key, value in reader.items():
-            if key == "annotations" and not isinstance(value, GeneratorType):
-                raise UserError(f"{label}: field 'annotations' must be a list, got {type(value).__name__}")
-            if key == "annotations" and "images" not in parts:
-                buffered = list(value)  # unusual order: images after annotations
-            elif key == "annotations":
-                checker = start_annotations()
-                _stream(value, checker, fh)
-            elif key == "images":
-                parts["images"] = list(value) if isinstance(value, GeneratorType) else value
-            else:
-                parts[key] = value
-        if checker is None:
-            if buffered is None:
-                raise UserError(f"{label}: field 'annotations' is missing; a COCO instances file needs it")
-            checker = start_annotations()
-            _stream(buffered, checker, fh)
-    return SplitWork(
-        split,
-        label,
-        parts.get("info") if isinstance(parts.get("info"), dict) else {},
-        parts.get("licenses") if isinstance(parts.get("licenses"), list) else [],
-        check_categories(parts.get("categories"), label),
-        parts["kept"],
-        lines,
-        checker,
-        rep,
-        parts["hashes"],
-        parts["conversions"],
-    )
-
-
-def _stream(annotations: Any, checker: AnnotationChecker, fh: Any) -> None:
-    encode, write = _ENCODER.encode, fh.write
-    for i, ann in enumerate(annotations):
-        kept = checker.check(ann, i)
-        if kept is None:
-            continue
-        try:
-            text = encode(kept)
-        except ValueError:  # NaN/Infinity in a field no check looks at (JSON has no such numbers)
-            checker.reject_last("annotations", "a value is NaN or Infinity, which JSON does not allow")
-            continue
-        write(text)
-        write("\n")
-
-
-def assemble_split(work: SplitWork, categories: list[dict[str, Any]], out_file: Path) -> dict[str, Any]:
-    """Write the final annotation file (dangling category ids quarantined here) and return its stats."""
-    valid = {c["id"] for c in categories}
-    chk, rep = work.checker, work.reporter
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    per_cat: Counter[int] = Counter()
-    kept = crowd = 0
-    head = {"info": work.info, "licenses": work.licenses, "categories": categories, "images": work.images}
-    with open(work.lines, encoding="utf-8") as src, open(out_file, "w", encoding="utf-8") as dst:
-
-        def put(text: str) -> None:
-            dst.write(text)
-            digest.update(text.encode("utf-8"))
-
-        try:
-            put(_ENCODER.encode(head)[:-1] + ',"annotations":[')
-        except ValueError:
-            raise UserError(
-                f"{work.ann_file}: 'info', 'licenses' or an image entry holds NaN or Infinity, which JSON does "
-                "not allow; remove or replace those values"
-            ) from None
-        for i, line in enumerate(src):
-            cid = chk.category_ids[i]
-            if cid not in valid:
-                rep.quarantined(
-                    chk.ann_ids[i], "category_id", f"category_id {cid} does not match any category"
-                )
-                continue
-            put(("," if kept else "") + line.rstrip("\n"))
-            kept += 1
-            per_cat[cid] += 1
-            crowd += chk.crowd[i]
-        put("]}\n")
-    work.lines.unlink()
-    image_digest = hashlib.sha256(
-        "".join(f"{k} {v}\n" for k, v in sorted(work.image_hashes.items())).encode()
-    )
-    return {
-        "images": len(work.images),
-        "annotations": kept,
-        "crowd_annotations": crowd,
-        "instances_per_category": {str(k): per_cat[k] for k in sorted(per_cat)},
-        "annotations_sha256": digest.hexdigest(),
-        "images_sha256": image_digest.hexdigest(),
-    }
 
 
 # ---------------------------------------------------------------- the whole dataset
@@ -346,14 +122,6 @@ def _load_problems(out: Path) -> list[dict[str, Any]]:
         return []
 
 
-def _strict_failure(problems: list[dict[str, Any]]) -> UserError:
-    first = "; ".join(f"{p['file']} id {p['id']} field {p['field']}: {p['reason']}" for p in problems[:3])
-    return UserError(
-        f"--strict: {len(problems)} problem(s) found, nothing was written (first: {first}); fix the data or "
-        "run without --strict to repair/quarantine and get the full report"
-    )
-
-
 def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], strict: bool) -> dict[str, Any]:
     categories = merge_categories({w.split: w.categories for w in works})
     split_stats = {
@@ -362,14 +130,10 @@ def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], st
     }
     problems = [p.to_dict() for w in works for p in w.reporter.problems]
     if strict and problems:
-        raise _strict_failure(problems)
-    report = {
-        **header,
-        "problems": problems,
-        "conversions": [c for w in works for c in w.conversions],
-        "summary": dict(Counter(p["action"] for p in problems)),
-    }
-    write_json_atomic(tmp / "ingest_report.json", report)
+        raise strict_failure(problems)
+    conversions = [c for w in works for c in w.conversions]
+    full = report(header, problems, {w.split: w.counts for w in works}, conversions)
+    write_json_atomic(tmp / "ingest_report.json", full)
     files = {f"images/{w.split}/{k}": v for w in works for k, v in w.image_hashes.items()}
     files.update(
         {f"annotations/instances_{s}.json": st["annotations_sha256"] for s, st in split_stats.items()}
@@ -380,15 +144,25 @@ def _write_outputs(tmp: Path, works: list[SplitWork], header: dict[str, Any], st
         **header,
         "splits": split_stats,
         "categories": categories,
+        # training labels are 1..C in ascending category id order (model.data.CategoryMap); 0 is background
+        "category_labels": {str(c["id"]): i + 1 for i, c in enumerate(categories)},
+        "categories_without_annotations": {
+            w.split: w.counts.empty_categories for w in works if w.counts.empty_categories
+        },
         "checksum": checksum,
-        "problems": report["summary"],
+        "problems": full["summary"],
     }
     write_json_atomic(tmp / MANIFEST_FILE, manifest)
     return manifest
 
 
 def _source_and_fingerprint(
-    source: str, splits: tuple[str, ...], strict: bool, image_check: str, **source_options: Any
+    source: str,
+    splits: tuple[str, ...],
+    strict: bool,
+    image_check: str,
+    image_limits: ImageLimits | None = None,
+    **source_options: Any,
 ) -> tuple[Source, dict[str, Any], str]:
     """The source, the output-relevant options, and a hash of both that changes when the data would."""
     if not splits:
@@ -396,7 +170,8 @@ def _source_and_fingerprint(
     if image_check not in CHECK_MODES:
         raise UserError(f"--image-check: {image_check!r} is not one of {', '.join(CHECK_MODES)}")
     src = make_source(source, splits, **source_options)
-    options = {"splits": list(splits), "strict": strict, "image_check": image_check}
+    limits = (image_limits or ImageLimits()).to_mapping()
+    options = {"splits": list(splits), "strict": strict, "image_check": image_check, "image_limits": limits}
     blob = json.dumps({"v": INGEST_VERSION, "source": src.fingerprint(), "options": options}, sort_keys=True)
     return src, options, hashlib.sha256(blob.encode()).hexdigest()
 
@@ -407,13 +182,14 @@ def source_fingerprint(
     splits: tuple[str, ...] = ("train", "val"),
     strict: bool = False,
     image_check: str = "full",
+    image_limits: ImageLimits | None = None,
     **source_options: Any,
 ) -> str:
     """What ``ingest`` would record as ``source_fingerprint``, without downloading or writing anything:
     file listings, sizes, ETags or archive versions only. Orchestrators use it as a cache key."""
     splits = tuple(dict.fromkeys(splits))
     source_options["workers"] = source_options.get("workers") or default_workers()
-    return _source_and_fingerprint(source, splits, strict, image_check, **source_options)[2]
+    return _source_and_fingerprint(source, splits, strict, image_check, image_limits, **source_options)[2]
 
 
 def ingest(
@@ -430,8 +206,12 @@ def ingest(
     checksum: str | None = None,
     coco_base_url: str | None = None,
     force: bool = False,
+    image_limits: ImageLimits | None = None,
 ) -> IngestResult:
-    """Validate ``source`` and write the normalised dataset to ``out`` (see the module docstring)."""
+    """Validate ``source`` and write the normalised dataset to ``out`` (see the module docstring).
+
+    ``image_limits``: the largest image accepted (default :class:`ImageLimits`); larger ones are quarantined.
+    """
     out = Path(out)
     splits = tuple(dict.fromkeys(splits))
     workers = workers or default_workers()
@@ -440,6 +220,7 @@ def ingest(
         splits,
         strict,
         image_check,
+        image_limits,
         s3_endpoint_url=s3_endpoint_url,
         synthetic=synthetic,
         workers=workers,
@@ -448,6 +229,7 @@ def ingest(
         coco_base_url=coco_base_url,
     )
     if not force and (manifest := _up_to_date(out, fingerprint, splits)) is not None:
+        failed_report_path(out).unlink(missing_ok=True)  # a failure since then is moot: the source is back
         return IngestResult(out, True, manifest, _load_problems(out))
     header = {
         "ingest_version": INGEST_VERSION,
@@ -455,31 +237,53 @@ def ingest(
         "source_fingerprint": fingerprint,
         "options": options,
     }
+    options = {"image_check": image_check, "workers": workers, "link": src.link_ok, "limits": image_limits}
+    manifest = _build(src, out, splits, header, strict, options)
+    failed_report_path(out).unlink(missing_ok=True)
+    return IngestResult(out, False, manifest, _load_problems(out))
+
+
+def _build(
+    src: Source,
+    out: Path,
+    splits: tuple[str, ...],
+    header: dict[str, Any],
+    strict: bool,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """Write the dataset into a temporary folder renamed onto ``out``; returns the manifest. A fatal error
+    leaves ``out`` as it was, with its evidence in the failure report beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    found: dict[str, tuple[Reporter, SplitCounts]] = {}  # what each split had shown when a fatal error hit
     try:
         root = src.materialise(staging)
         with atomic_dir(out) as tmp:
-            works = []
-            for split in splits:
-                ann, images = locate_split(root, split)
-                label = os.path.relpath(ann, root)
-                works.append(
-                    process_split(
-                        split,
-                        ann,
-                        images,
-                        tmp,
-                        ann_label=label,
-                        image_check=image_check,
-                        workers=workers,
-                        link=src.link_ok,
-                    )
-                )
-            manifest = _write_outputs(tmp, works, header, strict)
+            works = [_one_split(root, split, tmp, found, options) for split in splits]
+            return _write_outputs(tmp, works, header, strict)
+    except DiskFull as err:  # named after the output, not the temporary file it was writing
+        raise disk_full_error(out, err.os_error) from None
+    except UserError as err:
+        problems = [p.to_dict() for rep, _ in found.values() for p in rep.problems]
+        counts = {split: c for split, (_, c) in found.items()}
+        raise fail_with_report(out, header, err, problems, counts) from None
+    except OSError as err:
+        if is_disk_full(err):  # e.g. while materialising the source in the staging folder
+            raise disk_full_error(out, err) from None
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return IngestResult(out, False, manifest, _load_problems(out))
+
+
+def _one_split(
+    root: Path, split: str, tmp: Path, found: dict[str, tuple[Reporter, SplitCounts]], options: dict[str, Any]
+) -> SplitWork:
+    ann, images = locate_split(root, split)
+    label = os.path.relpath(ann, root)
+    found[split] = (Reporter(split, label), SplitCounts())
+    return process_split(
+        split, ann, images, tmp, ann_label=label, reporter=found[split][0], counts=found[split][1], **options
+    )
 
 
 # ---------------------------------------------------------------- CLI
@@ -594,6 +398,7 @@ def run(args: argparse.Namespace) -> int:
         "cache_dir": Path(cache) if cache else None,
         "checksum": args.checksum,
         "coco_base_url": args.coco_base_url,
+        "image_limits": ImageLimits.from_mapping(params),  # data.max_image_{pixels,side,bytes}, if set
     }
     if args.fingerprint:
         print(source_fingerprint(source, **options))
@@ -611,7 +416,9 @@ def _print_summary(result: IngestResult) -> None:
         f"{s}: {v['images']} images / {v['annotations']} annotations"
         for s, v in result.manifest["splits"].items()
     )
+    empty = result.manifest.get("categories_without_annotations") or {}
+    note = "".join(f"; {s}: no annotation of category id(s) {ids}" for s, ids in empty.items())
     print(
         f"{result.out}: {counts}; {result.count('repaired')} repaired, {result.count('quarantined')} "
-        f"quarantined (see {result.out / 'ingest_report.json'})"
+        f"quarantined{note} (see {result.out / 'ingest_report.json'})"
     )

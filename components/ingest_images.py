@@ -2,7 +2,9 @@
 
 Images that already are 8-bit RGB JPEG or PNG without an EXIF rotation are written byte for byte. Anything
 else (grayscale, CMYK, palette, alpha, 16-bit, other formats, EXIF-rotated) is decoded, converted to RGB
-and written as PNG. Missing, unreadable, truncated and wrong-size images are quarantined.
+and written as PNG. Missing, unreadable, unsupported, truncated, too large (:class:`ImageLimits`: checked
+from the header, before any pixel is decoded) and wrong-size images are quarantined, with the reason
+:mod:`components.images` gives.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageOps
+
+from components.images import BadImage, ImageLimits, classify, open_image, to_rgb
 
 ORIENTATION_TAG = 0x0112
 SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
@@ -49,20 +52,10 @@ def _orientation(im: Image.Image) -> int:
     try:
         value = im.getexif().get(ORIENTATION_TAG, 1)
     except Exception:
+        if im.format == "PNG":  # PNG's getexif decodes the pixels: this is the image's decode error
+            raise
         return 1
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
-
-
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        scale = 255.0 / 65535.0 if arr.max(initial=0) > 255 or im.mode.startswith("I;16") else 1.0
-        im = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), "L")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        im = Image.alpha_composite(background, rgba)
-    return im.convert("RGB")
 
 
 def _decode(im: Image.Image, data: bytes, mode: str, keep_bytes: bool) -> None:
@@ -109,53 +102,32 @@ def process_image(
     mode: str = "full",
     link: bool = False,
     taken_names: frozenset[str] = frozenset(),
+    limits: ImageLimits | None = None,
 ) -> ImageOutcome:
     """Check ``src_dir/entry['file_name']`` and write it to ``dst_dir`` (unless None)."""
     name = entry["file_name"]
     out = ImageOutcome(entry["id"], name)
     src = src_dir / name
+    limits = limits or ImageLimits()
     try:
+        limits.check_bytes(src.stat().st_size)  # before reading a huge file into memory
         data = src.read_bytes()
     except FileNotFoundError:
         return out.quarantine("file_name", f"image file not found: {src}")
+    except BadImage as bad:
+        return out.quarantine("file_name", f"{bad.kind} image {src}: {bad.detail}")
     except OSError as err:
         return out.quarantine("file_name", f"cannot read image file {src}: {err.strerror or err}")
     declared = (entry["width"], entry["height"]) if entry.get("width") and entry.get("height") else None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-            orientation = _orientation(im)
-            apply = _plan_orientation(out, im.size, orientation, declared)
-            if apply is None:
-                return out
-            fmt_ok = (im.format == "JPEG" and im.mode == "RGB") or (im.format == "PNG" and _png_is_rgb8(data))
-            keep = fmt_ok and orientation == 1
-            size = im.size  # before draft() shrinks a JPEG
-            _decode(im, data, mode, keep)
-            if not keep:
-                out.conversion = f"{im.format} {im.mode}" + (
-                    f", EXIF orientation {orientation}" if apply else ""
-                )
-                im = _to_rgb(ImageOps.exif_transpose(im) if apply else im)
-                size = im.size
-                buf = io.BytesIO()
-                im.save(buf, format="PNG")
-                data = buf.getvalue()
-                out.file_name = _png_name(name, taken_names)
-    except (
-        OSError,
-        SyntaxError,
-        ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
-    ) as err:
-        what = (
-            "truncated or corrupt"
-            if "truncated" in str(err) or isinstance(err, SyntaxError)
-            else "unreadable"
-        )
-        return out.quarantine("file_name", f"{what} image {src}: {err}")
+        im = open_image(data, limits)
+        converted = _convert(out, im, data, mode, declared, taken_names)
+    except (BadImage, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
+        bad = classify(err)
+        return out.quarantine("file_name", f"{bad.kind} image {src}: {bad.detail}")
+    if converted is None:
+        return out
+    data, size = converted
     out.width, out.height = size
     if declared is None:
         out.problems.append(
@@ -165,6 +137,30 @@ def process_image(
     if dst_dir is not None:
         _write(src, dst_dir / out.file_name, data, link and out.file_name == name)
     return out
+
+
+def _convert(
+    out: ImageOutcome, im: Image.Image, data: bytes, mode: str, declared, taken: frozenset[str]
+) -> tuple[bytes, tuple[int, int]] | None:
+    """(bytes to write, size): ``data`` itself, or the image as RGB PNG. None if quarantined."""
+    orientation = _orientation(im)
+    apply = _plan_orientation(out, im.size, orientation, declared)
+    if apply is None:
+        return None
+    fmt_ok = (im.format == "JPEG" and im.mode == "RGB") or (im.format == "PNG" and _png_is_rgb8(data))
+    keep = fmt_ok and orientation == 1
+    size = im.size  # before draft() shrinks a JPEG
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limits were checked
+        _decode(im, data, mode, keep)
+        if keep:
+            return data, size
+        out.conversion = f"{im.format} {im.mode}" + (f", EXIF orientation {orientation}" if apply else "")
+        im = to_rgb(ImageOps.exif_transpose(im) if apply else im)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    out.file_name = _png_name(out.file_name, taken)
+    return buf.getvalue(), im.size
 
 
 def _write(src: Path, dst: Path, data: bytes, link: bool) -> None:

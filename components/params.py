@@ -83,8 +83,14 @@ class DataParams:
         None  # HTTP downloads kept for resume (None: $ATMASK_CACHE_DIR or ~/.cache/atmask)
     )
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # the largest image accepted by ingest, predict and the served model (components.images.ImageLimits)
+    max_image_pixels: int = 89_478_485  # Pillow's own decompression-bomb threshold
+    max_image_side: int = 16_384
+    max_image_bytes: int = 256 * 2**20
 
     def __post_init__(self) -> None:
+        for key in ("max_image_pixels", "max_image_side", "max_image_bytes"):
+            check_positive(key, getattr(self, key))
         if not self.splits:
             raise ConfigError("splits: give at least one split, e.g. [train, val]")
         check_choice("image_check", self.image_check, CHECK_MODES)

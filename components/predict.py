@@ -3,7 +3,9 @@
 Writes, into ``--out`` (default ``predictions/``): ``<image stem>_overlay.png`` per image (masks tinted
 in, boxes and ``label score`` captions) and ``predictions.json`` in COCO format (``images``,
 ``categories`` and ``annotations`` with ``score``, ``bbox`` [x, y, w, h] and RLE ``segmentation``).
-Every image is read before anything is written; each file is written atomically.
+Every image is read before anything is written; each file is written atomically. Images are checked as
+``atmask ingest`` checks them (:mod:`components.images`: size and pixel limits before decoding, one line
+for a bomb, a truncated file, wrong magic bytes or an unsupported format).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from components.checkpoint import MODEL_FILE, load_trained_model
 from components.detections import detect, image_to_tensor, rle_json
 from components.distributed import resolve_device
 from components.errors import UserError
+from components.images import BadImage, ImageLimits, decode_rgb
 from components.io import atomic_path, write_json_atomic
 from components.params import Params, load_params
 from components.tracking import check_reachable, tracking_uri
@@ -49,14 +52,20 @@ def resolve_model(spec: str, params: Params | None = None) -> Path:
     return found[0]
 
 
-def read_images(paths: list[Path]) -> list[torch.Tensor]:
+def read_images(paths: list[Path], limits: ImageLimits | None = None) -> list[torch.Tensor]:
+    """Each file as a [3, H, W] float tensor; the first bad one is a one-line UserError."""
+    limits = limits or ImageLimits()
     images = []
     for path in paths:
         try:
-            with Image.open(path) as img:
-                images.append(image_to_tensor(img))
-        except (OSError, ValueError) as err:
-            raise UserError(f"{path}: cannot read the image ({err}); give PNG or JPEG files") from None
+            limits.check_bytes(path.stat().st_size)  # before reading it into memory
+            images.append(image_to_tensor(decode_rgb(path.read_bytes(), limits)))
+        except BadImage as bad:
+            raise UserError(f"{path}: cannot read the image ({bad}); give PNG or JPEG files") from None
+        except OSError as err:
+            raise UserError(
+                f"{path}: cannot read the image ({err.strerror or err}); check the path"
+            ) from None
     return images
 
 
@@ -94,12 +103,13 @@ def predict(
     score_threshold: float = 0.5,
     params: Params | None = None,
     device: str = "auto",
+    image_limits: ImageLimits | None = None,
 ) -> dict[str, Any]:
     """Run the model on the images; write overlays and ``predictions.json``; return the COCO dict."""
     paths = [Path(p) for p in image_paths]
     if len({p.stem for p in paths}) != len(paths):
         raise UserError("two input images share a file name stem; their overlays would overwrite each other")
-    images = read_images(paths)
+    images = read_images(paths, image_limits)
     model, _, cats = load_trained_model(resolve_model(model_spec, params), resolve_device(device))
     found = detect(model, cats, images, score_threshold)
     out = Path(out_dir)
@@ -141,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.score_threshold <= 1:
         raise UserError(f"--score-threshold: must be within [0, 1], got {args.score_threshold}")
     params = load_params(args.params) if args.params.is_file() else None
-    result = predict(args.images, args.model, args.out, args.score_threshold, params, args.device)
+    limits = ImageLimits.from_mapping(params.data) if params is not None else None
+    result = predict(args.images, args.model, args.out, args.score_threshold, params, args.device, limits)
     print(f"{len(result['annotations'])} detections in {len(result['images'])} images; wrote {args.out}")
     return 0

@@ -1,7 +1,10 @@
 """``atmask promote --version N``: move the ``champion`` alias by hand, bypassing the gate, logged.
 
 The version gets tags ``promoted_manually`` (UTC time) and ``promoted_from`` (the previous champion's
-version, or ``none``); the move is printed.
+version, or ``none``); the move is printed. The registered model gets tag ``champion_floor`` (the highest
+version number now): versions up to it are no longer eligible for ``atmask register``'s automatic
+convergence, so a later registration does not undo the manual choice by moving the champion back to an
+older, better-scoring version.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from components.errors import UserError
 from components.params import load_params
-from components.register import CHAMPION, _mlflow_client
+from components.register import CHAMPION, FLOOR_TAG, _mlflow_client
 
 
 def promote(params, version: str, model_name: str | None = None) -> str | None:
@@ -31,6 +34,8 @@ def promote(params, version: str, model_name: str | None = None) -> str | None:
         previous = str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         previous = None
+    floor = max(int(mv.version) for mv in client.search_model_versions(f"name = '{name}'"))
+    client.set_registered_model_tag(name, FLOOR_TAG, str(floor))
     client.set_registered_model_alias(name, CHAMPION, str(version))
     now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     client.set_model_version_tag(name, str(version), "promoted_manually", now)

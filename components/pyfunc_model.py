@@ -11,6 +11,11 @@ instance mask as a COCO compressed RLE, JSON text: ``{"size": [h, w], "counts": 
 ``pycocotools.mask.decode(json.loads(mask))``). Masks are the model's final binarization (``B >= 0.5``,
 i.e. ``P >= T`` for ATMask; ``P >= 0.5`` for the baseline).
 
+Bad input: each image is checked as ``atmask ingest`` checks it (:mod:`components.images`; the limits come
+from the model's ``model_config``: ``max_image_pixels``, ``max_image_side``, ``max_image_bytes``). A bad
+row raises :class:`InvalidInput`, which ``mlflow models serve`` answers with HTTP 400 and a one-line
+``message`` naming the row and the reason, without a stack trace.
+
 Device: the GPU when one is visible, else the CPU; ``ATMASK_DEVICE=cpu|cuda`` overrides.
 
 Artifacts: ``model_pt`` -> the run's ``model.pt`` (``torch.load(..., weights_only=True)``-safe).
@@ -28,22 +33,48 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
 from components.detections import DEFAULT_SCORE_THRESHOLD, detect, image_to_tensor, rle_json
+from components.images import BadImage, ImageLimits, decode_rgb
 
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ["image_index", "category_id", "label", "score", "box", "mask"]
 
 
-def decode_image(data: str | bytes, where: str) -> torch.Tensor:
-    """A base64 PNG/JPEG (str or bytes) -> [3, H, W] float tensor in [0, 1]; ValueError naming ``where``."""
+class InvalidInput(MlflowException, ValueError):
+    """Bad model input. The scoring server answers HTTP 400 with :attr:`message` and no stack trace."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()), error_code=INVALID_PARAMETER_VALUE)
+
+    @property
+    def message(self) -> str:
+        return self._one_line
+
+    @message.setter
+    def message(self, value: str) -> None:
+        # The scoring server rewrites the message to "Failed to predict data '<the whole request>'.\nError:
+        # ..."; the first value (set in __init__) stays, so the client gets one line, not its payload back.
+        if not hasattr(self, "_one_line"):
+            self._one_line = value
+
+
+def decode_image(data: Any, where: str, limits: ImageLimits | None = None) -> torch.Tensor:
+    """A base64 PNG/JPEG (str or bytes) -> [3, H, W] float tensor in [0, 1]; InvalidInput naming ``where``."""
+    limits = limits or ImageLimits()
+    if not isinstance(data, (str, bytes)):
+        raise InvalidInput(f"{where}: expected a base64-encoded image file (str), got {type(data).__name__}")
     try:
+        limits.check_bytes(len(data) * 3 // 4)  # the decoded size, before decoding
         raw = base64.b64decode(data, validate=True)
-        with Image.open(io.BytesIO(raw)) as img:
-            return image_to_tensor(img)
-    except (binascii.Error, OSError, ValueError, TypeError) as err:
-        raise ValueError(f"{where}: not a base64-encoded PNG/JPEG image ({err})") from None
+        return image_to_tensor(decode_rgb(raw, limits))
+    except binascii.Error as err:
+        raise InvalidInput(f"{where}: not base64 ({err}); send each image file base64-encoded") from None
+    except BadImage as bad:
+        raise InvalidInput(f"{where}: {bad}") from None
 
 
 def encode_image(path_or_array: Any) -> str:
@@ -78,14 +109,16 @@ class ATMaskPyfunc(mlflow.pyfunc.PythonModel):
 
         device = resolve_device(os.environ.get("ATMASK_DEVICE", "auto"))
         self.model, self.config, self.categories = load_trained_model(context.artifacts["model_pt"], device)
+        self.limits = ImageLimits.from_mapping(getattr(context, "model_config", None) or {})
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
-            raise ValueError(
+            raise InvalidInput(
                 f"input must be a DataFrame with a column {INPUT_COLUMN!r} of base64 PNG/JPEG images"
             )
         threshold = float((params or {}).get("score_threshold", DEFAULT_SCORE_THRESHOLD))
-        images = [decode_image(v, f"row {i}") for i, v in enumerate(model_input[INPUT_COLUMN])]
+        limits = getattr(self, "limits", None)
+        images = [decode_image(v, f"row {i}", limits) for i, v in enumerate(model_input[INPUT_COLUMN])]
         return detections_frame(detect(self.model, self.categories, images, threshold))
 
 

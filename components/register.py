@@ -13,7 +13,14 @@
    and the best ``baseline`` run's of the same set of runs by more than ``register.min_improvement``
    (the baseline comparison is skipped when the candidate is itself a baseline run, or the set has
    none). Otherwise the version gets alias ``challenger`` and the reason is printed.
-5. ``reports/registry.json`` (atomic) describes the decision.
+5. Several writers: MLflow has no compare-and-set on aliases, so two registrations that read the same
+   champion could both pass the gate and the slower write would win. Instead, a version that beats its
+   baseline is tagged ``gate_eligible=true`` and, once registered, :func:`converge` moves ``champion`` to
+   the best eligible version and re-reads until a read finds nothing to move. Whatever the interleaving,
+   after the last registration returns the champion is the best eligible version; a version that passed
+   the gate but lost to one registered at the same time becomes ``challenger`` with that reason. Versions
+   that existed when ``atmask promote`` last moved the champion by hand are not eligible any more.
+6. ``reports/registry.json`` (atomic) describes the decision.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 
 from components.checkpoint import MODEL_FILE, sha256_file
 from components.errors import UserError
+from components.images import ImageLimits
 from components.io import write_json_atomic
 from components.params import Params, load_params
 from components.run_layout import INFO_FILE, METRICS_FILE
@@ -34,6 +42,9 @@ from components.tracking import check_reachable, git_commit, mlflow_key, read_ml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAMPION, CHALLENGER = "champion", "challenger"
+ELIGIBLE_TAG = "gate_eligible"  # version tag: "true" when it beats its own run set's baseline
+FLOOR_TAG = "champion_floor"  # registered-model tag set by `atmask promote`: versions <= it are not eligible
+CONVERGE_ROUNDS = 50
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ def gate(
             f"{metric} {value:.4f} does not beat champion v{champion[0]} ({champion[1]:.4f}) by > {margin}"
         )
     baselines = [c.value(metric) for c in cands if c.ablation == "baseline"]
-    if cand.ablation != "baseline" and baselines and not value > max(baselines) + margin:
+    if not beats_baseline(cand, cands, metric, margin):
         reasons.append(
             f"{metric} {value:.4f} does not beat the baseline run ({max(baselines):.4f}) by > {margin}"
         )
@@ -110,6 +121,12 @@ def gate(
     else:
         base = f"the baseline run ({max(baselines):.4f})"
     return True, f"{metric} {value:.4f} beats {against}; {base}; margin {margin}"
+
+
+def beats_baseline(cand: Candidate, cands: list[Candidate], metric: str, margin: float) -> bool:
+    """The part of the gate that does not depend on the registry: eligibility to be champion at all."""
+    baselines = [c.value(metric) for c in cands if c.ablation == "baseline"]
+    return cand.ablation == "baseline" or not baselines or cand.value(metric) > max(baselines) + margin
 
 
 def current_champion(client: Any, name: str, metric: str) -> tuple[str, float] | None:
@@ -139,6 +156,62 @@ def version_tags(cand: Candidate, sha: str, pipeline_run_id: str | None) -> dict
     return tags
 
 
+def best_eligible(client: Any, name: str, metric: str) -> tuple[str, float] | None:
+    """(version, value) of the eligible version with the highest ``metric`` (ties: the older version)."""
+    floor = int(client.get_registered_model(name).tags.get(FLOOR_TAG, 0))
+    key = f"metric.{mlflow_key(metric)}"
+    found = [
+        (str(mv.version), float(mv.tags[key]))
+        for mv in client.search_model_versions(f"name = '{name}' and tags.{ELIGIBLE_TAG} = 'true'")
+        if int(mv.version) > floor and key in mv.tags and mv.status == "READY"
+    ]
+    return max(found, key=lambda v: (v[1], -int(v[0]))) if found else None
+
+
+Move = tuple[str | None, str, float]  # (champion before, champion after, its metric)
+
+
+def converge(
+    client: Any, name: str, metric: str, margin: float
+) -> tuple[tuple[str, float] | None, list[Move]]:
+    """Move ``champion`` to the best eligible version until a fresh read finds nothing to move; returns
+    the champion then, and the moves this call made. The gate's rule holds: the alias only moves to a
+    version that beats the current champion by more than ``margin``.
+
+    Correct with concurrent writers because every writer re-reads after its own write: the last alias
+    write is followed by its writer's read, which sees every version registered before it, and a version
+    registered after that read is checked by its own registration's converge.
+    """
+    moves: list[Move] = []
+    for _ in range(CONVERGE_ROUNDS):
+        champion = current_champion(client, name, metric)
+        best = best_eligible(client, name, metric)
+        if best is None or (champion is not None and not best[1] > champion[1] + margin):
+            return champion, moves
+        if champion is not None and best[0] == champion[0]:
+            return champion, moves
+        client.set_registered_model_alias(name, CHAMPION, best[0])
+        moves.append((champion[0] if champion else None, best[0], best[1]))
+    raise UserError(
+        f"model {name!r}: the champion alias did not settle after {CONVERGE_ROUNDS} re-reads (many "
+        "registrations at once?); run 'atmask register' again, it is idempotent"
+    )
+
+
+def mark_superseded(client: Any, name: str, moves: list[Move], read_before: str | None, metric: str) -> None:
+    """A champion this registration displaced that it had not read before registering was registered at
+    the same time and lost the race: tag it ``superseded_by`` and make it the challenger. (Displacing the
+    champion it had read is the ordinary sequential case; a manual promotion is left alone.)"""
+    for old, new, value in moves:
+        if old is None or old in (read_before, new):
+            continue
+        if "promoted_manually" in client.get_model_version(name, old).tags:
+            continue
+        note = f"v{new} ({metric} {value:.4f}), registered at the same time, is better and took the champion alias"
+        client.set_model_version_tag(name, old, "superseded_by", note)
+        client.set_registered_model_alias(name, CHALLENGER, old)
+
+
 def find_registered(client: Any, name: str, sha: str) -> Any | None:
     found = client.search_model_versions(f"name = '{name}' and tags.model_sha256 = '{sha}'")
     return min(found, key=lambda mv: int(mv.version)) if found else None
@@ -155,12 +228,29 @@ def requirements() -> list[str]:
     return pins
 
 
-def log_pyfunc(cand: Candidate, params: Params) -> Any:
-    """Log the run as a pyfunc model into its training run (or a new run); returns ModelInfo."""
-    import mlflow
+def pyfunc_spec(model_pt: Path, limits: ImageLimits | None = None) -> dict[str, Any]:
+    """Keyword arguments of ``mlflow.pyfunc.log_model``/``save_model`` for a ``model.pt``: what is registered.
+    ``limits``: the largest input image the served model accepts (``model_config``)."""
     from mlflow.models import infer_signature
 
     from components import pyfunc_model
+
+    example = pyfunc_model.input_example()
+    signature = infer_signature(example, params={"score_threshold": pyfunc_model.DEFAULT_SCORE_THRESHOLD})
+    return {
+        "python_model": pyfunc_model.ATMaskPyfunc(),
+        "artifacts": {"model_pt": str(model_pt)},
+        "code_paths": [str(REPO_ROOT / "components"), str(REPO_ROOT / "model")],
+        "signature": signature,
+        "input_example": example,
+        "pip_requirements": requirements(),
+        "model_config": (limits or ImageLimits()).to_mapping(),
+    }
+
+
+def log_pyfunc(cand: Candidate, params: Params) -> Any:
+    """Log the run as a pyfunc model into its training run (or a new run); returns ModelInfo."""
+    import mlflow
 
     record = read_mlflow_run(cand.run_dir)
     if (
@@ -169,20 +259,17 @@ def log_pyfunc(cand: Candidate, params: Params) -> Any:
     ):
         active = mlflow.start_run(run_id=record["run_id"])
     else:
-        mlflow.set_experiment(params.mlflow.experiment)
-        active = mlflow.start_run(run_name=f"register-{cand.run_dir.name}", tags={"ablation": cand.ablation})
-    example = pyfunc_model.input_example()
-    signature = infer_signature(example, params={"score_threshold": pyfunc_model.DEFAULT_SCORE_THRESHOLD})
-    with active:
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=pyfunc_model.ATMaskPyfunc(),
-            artifacts={"model_pt": str(cand.run_dir / MODEL_FILE)},
-            code_paths=[str(REPO_ROOT / "components"), str(REPO_ROOT / "model")],
-            signature=signature,
-            input_example=example,
-            pip_requirements=requirements(),
+        # set_experiment returns without activating the experiment when another process created it at
+        # the same moment: pass its id explicitly.
+        experiment = mlflow.set_experiment(params.mlflow.experiment)
+        active = mlflow.start_run(
+            experiment_id=experiment.experiment_id,
+            run_name=f"register-{cand.run_dir.name}",
+            tags={"ablation": cand.ablation},
         )
+    with active:
+        limits = ImageLimits.from_mapping(params.data)  # data.max_image_{pixels,side,bytes}, if set
+        return mlflow.pyfunc.log_model(name="model", **pyfunc_spec(cand.run_dir / MODEL_FILE, limits))
 
 
 def _mlflow_client(params: Params) -> tuple[Any, str]:
@@ -201,9 +288,13 @@ def ensure_model(client: Any, name: str) -> None:
     try:
         client.get_registered_model(name)
     except MlflowException:
-        client.create_registered_model(
-            name, description="ATMask R-CNN / Mask R-CNN instance segmentation (pyfunc)"
-        )
+        try:
+            client.create_registered_model(
+                name, description="ATMask R-CNN / Mask R-CNN instance segmentation (pyfunc)"
+            )
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":  # another registration created it just now
+                raise
 
 
 # ------------------------------------------------------------------ the step
@@ -246,21 +337,37 @@ def register_new(client, params: Params, cand: Candidate, cands, sha: str, pipel
     import mlflow
 
     reg = params.register
-    ensure_model(client, reg.model_name)
-    champion = current_champion(client, reg.model_name, reg.metric)
-    promote, reason = gate(cand, cands, champion, reg.metric, reg.min_improvement)
+    name, metric, margin = reg.model_name, reg.metric, reg.min_improvement
+    ensure_model(client, name)
+    champion = current_champion(client, name, metric)
+    promote, reason = gate(cand, cands, champion, metric, margin)
+    eligible = beats_baseline(cand, cands, metric, margin)
     info = log_pyfunc(cand, params)
-    mv = mlflow.register_model(info.model_uri, reg.model_name, tags=version_tags(cand, sha, pipeline_run_id))
-    alias = CHAMPION if promote else CHALLENGER
-    client.set_registered_model_alias(reg.model_name, alias, mv.version)
-    client.set_model_version_tag(reg.model_name, mv.version, "gate", reason)
+    tags = {**version_tags(cand, sha, pipeline_run_id), ELIGIBLE_TAG: str(eligible).lower()}
+    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    version = str(mv.version)
+    final, moves = converge(client, name, metric, margin)
+    mark_superseded(client, name, moves, champion[0] if champion else None, metric)
+    won = final is not None and final[0] == version
+    if won and not promote:  # the champion it was compared with was replaced by a worse one meanwhile
+        reason = f"{metric} {cand.value(metric):.4f} is the best eligible version once the registry settled"
+    elif not won and promote:
+        winner = f"v{final[0]} ({final[1]:.4f})" if final else "another version"
+        reason = (
+            f"{reason}; but lost the race: {winner}, registered at the same time, is better and is champion"
+        )
+    alias = CHAMPION if won else CHALLENGER
+    if not won:
+        client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_model_version_tag(name, version, "gate", reason)
     return {
-        "version": str(mv.version),
+        "version": version,
         "decision": alias,
         "aliases": [alias],
         "reason": reason,
         "previous_champion": {"version": champion[0], "value": champion[1]} if champion else None,
-        "model_uri": f"models:/{reg.model_name}/{mv.version}",
+        "champion": {"version": final[0], "value": final[1]} if final else None,
+        "model_uri": f"models:/{name}/{version}",
     }
 
 

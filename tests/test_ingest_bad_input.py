@@ -713,12 +713,12 @@ FATAL: dict[str, tuple[Mutation, Fatal]] = {
         Fatal("'info', 'licenses' or an image entry holds NaN or Infinity"),
     ),
     "duplicate_category_id": (m_category_duplicate, Fatal("categories[1].id: duplicate category id 1")),
-    "category_id_not_int": (m_category_bad_id, Fatal("categories[0].id: expected a positive integer")),
+    "category_id_not_int": (m_category_bad_id, Fatal("categories[0].id: expected a non-negative integer")),
     "no_annotation_file": (m_no_annotation_file, Fatal("no annotation file for split 'train'")),
     "no_image_folder": (m_no_image_folder, Fatal("no image folder for split 'train'")),
     "strict_turns_repair_into_failure": (
         m_bbox_outside,
-        Fatal("--strict: 1 problem(s) found, nothing was written", ("--strict",)),
+        Fatal("--strict: 1 problem(s) found, no dataset was written", ("--strict",)),
     ),
     "strict_turns_quarantine_into_failure": (
         m_dangling_image_id,
@@ -747,7 +747,13 @@ def test_fatal_input_fails_with_one_line_and_no_output(name, tmp_path, capsys):
     assert lines[0].startswith("atmask ingest: error: ")
     assert expected.message in lines[0], lines[0]
     assert "Traceback" not in captured.err + captured.out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, staging or temp folder
+    report = tmp_path / "out.ingest_report.failed.json"
+    # no output, staging or temp folder; the failure report beside it when there was evidence to keep
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", *[report.name][: report.exists()]])
+    assert report.exists() == lines[0].endswith(f"; every problem is listed in {report}")
+    if report.exists():
+        failed = json.loads(report.read_text())
+        assert failed["dataset_written"] is False and failed["error"] in lines[0]
 
 
 def test_fatal_error_keeps_a_previous_good_output(tmp_path, capsys):
