@@ -84,6 +84,13 @@ def use_source(git_commit: str, git_repo: str) -> None:
         os.environ[ENV_REPO] = git_repo
 
 
+def int_list(values: list, name: str) -> list[int]:
+    """A list parameter of integers as KFP hands it over (JSON numbers: ``0`` may arrive as ``0.0``)."""
+    if not all(isinstance(v, (int, float)) and float(v).is_integer() for v in values):
+        raise UserError(f"pipeline parameter {name}: expected a list of integers, got {values!r}")
+    return [int(v) for v in values]
+
+
 def pipeline_overrides(overrides_json: str, keys: dict[str, Any]) -> dict[str, Any]:
     """Dotted params.yaml keys set by pipeline parameters (``data.source=...``); ``overrides_json`` wins."""
     try:
@@ -119,19 +126,8 @@ def call_cli(argv: list[str]) -> None:
     from components.cli import main
 
     rc = main(argv)
-    if rc != 0:
-        raise RuntimeError(f"atmask {' '.join(argv)} exited with status {rc}")
-
-
-def fingerprint_step(params: Path, source: str) -> str:
-    """``atmask ingest --fingerprint``: changes exactly when ingesting ``source`` would give other data."""
-    import contextlib
-    import io
-
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        call_cli(["ingest", "--source", source, "--params", str(params), "--fingerprint"])
-    return printed.getvalue().strip().splitlines()[-1]
+    if rc != 0:  # the step printed its one-line error: the task ends on it, without a traceback
+        raise SystemExit(rc)
 
 
 def pull_step(md5: str, remote: str, root: str, name: str) -> str:
@@ -142,7 +138,18 @@ def pull_step(md5: str, remote: str, root: str, name: str) -> str:
             "from dvc.lock and .dvc/config (run 'dvc repro ingest && dvc push' first)"
         )
     call_cli(["pull", "--md5", md5, "--remote", remote, "--root", root, "--name", name])
-    return str(Path(root) / md5.removesuffix(".dir"))
+    return str(data_folder(root, md5, check=False))
+
+
+def data_folder(root: str, md5: str, check: bool = True) -> Path:
+    """Where ``atmask pull`` put the data version ``md5`` under ``root`` (train and evaluate read it)."""
+    folder = Path(root) / md5.removesuffix(".dir")
+    if check and not folder.with_name(folder.name + ".json").is_file():
+        raise UserError(
+            f"{folder}: data version {md5} is not on the datasets volume; the pipeline's data task pulls it "
+            f"first (mount atmask-datasets at {Path(root).parent})"
+        )
+    return folder
 
 
 def gpu_count() -> int:

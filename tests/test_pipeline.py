@@ -2,6 +2,8 @@
 
 import http.server
 import json
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -10,8 +12,10 @@ from typing import ClassVar
 
 import pytest
 import yaml
+from fixtures_dvc import DvcRepo, tool_env
 
 from components.errors import UserError
+from components.provenance import object_uri
 from pipelines import pipeline as pl
 from pipelines import runtime
 from pipelines.cli import parse_params
@@ -46,18 +50,16 @@ def test_dag_shape(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     assert spec["pipelineInfo"]["name"] == "atmask-ablation"
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"config-op", "fingerprint-op", "ingest-op", "for-loop-1", "report-op", "register-op"}
-    assert root["ingest-op"]["dependentTasks"] == ["fingerprint-op"]
-    fingerprint = root["ingest-op"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]
-    assert fingerprint == {"outputParameterKey": "Output", "producerTask": "fingerprint-op"}
+    assert set(root) == {"config-op", "data-op", "for-loop-1", "report-op", "register-op"}
     # one loop item per (ablation, seed), listed by the config task from ablations x train.seeds
     items = root["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
     assert items == "pipelinechannel--config-op-Output"
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
-    assert set(loop) == {"train-op", "evaluate-op"}
+    assert set(loop) == {"resources-op", "train-op", "evaluate-op"}
+    assert loop["train-op"]["dependentTasks"] == ["resources-op"]
     assert loop["evaluate-op"]["dependentTasks"] == ["train-op"]
     assert set(root["register-op"]["dependentTasks"]) == {"config-op", "for-loop-1", "report-op"}
-    assert set(root["for-loop-1"]["dependentTasks"]) == {"config-op", "ingest-op"}
+    assert set(root["for-loop-1"]["dependentTasks"]) == {"config-op", "data-op"}
     # report and register receive the collected (fanned-in) evaluated runs as a list of Models
     runs = spec["components"]["comp-report-op"]["inputDefinitions"]["artifacts"]["runs"]
     assert runs == {
@@ -78,52 +80,123 @@ def test_parameter_defaults_come_from_params_yaml(compiled: tuple[dict, dict], r
     assert params == {
         "ablations": list(raw["ablations"]),
         "seeds": raw["train"]["seeds"],
-        "data_source": raw["data"]["source"],
-        "recipe": raw["train"]["recipe"],
+        "recipe": raw["cluster"]["recipe"],  # the cluster profile, never the CPU demo
+        "gpus_per_node": raw["cluster"]["gpus_per_node"],
+        "nodes": raw["cluster"]["nodes"],
+        "data_md5": "",  # submit fills these from dvc.lock, .dvc/config and git
+        "data_path": raw["data"]["out"],
+        "dvc_remote": "",
+        "git_commit": "",
+        "git_repo": "",
         "mlflow_tracking_uri": "",
         "register_candidate": raw["register"]["candidate"],
         "register_min_improvement": raw["register"]["min_improvement"],
         "overrides": "{}",
+        "data_root": "/mnt/atmask-datasets/dvc",
         "checkpoint_root": "/mnt/atmask-runs/checkpoints",
+        "train_timeout_s": 7 * 24 * 3600,
     }
+    assert params["recipe"] != "cpu_demo" and raw["train"]["recipe"] == "cpu_demo"
 
 
 def test_other_params_file_and_image_change_defaults(tmp_path: Path, repo_root: Path) -> None:
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["data"]["source"] = "s3://bucket/coco"
-    raw["train"]["recipe"] = "r50_fpn_coco"
+    raw["cluster"]["recipe"] = "r101_fpn_coco"
     raw["mlflow"]["tracking_uri"] = "http://mlflow.atmask:5000"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "p.yaml"
     image = "registry.example.com/atmask@sha256:" + "a" * 64
     argv = ["pipeline", "compile", "--out", str(out), "--params", str(tmp_path / "params.yaml")]
-    assert atmask([*argv, "--image", image, "--gpus", "4"]) == 0
+    assert atmask([*argv, "--image", image, "--gpus", "8"]) == 0
     spec, _ = load_spec(out)
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["data_source"]["defaultValue"] == "s3://bucket/coco"
-    assert params["recipe"]["defaultValue"] == "r50_fpn_coco"
+    assert params["recipe"]["defaultValue"] == "r101_fpn_coco"
+    assert params["gpus_per_node"]["defaultValue"] == 8
     assert params["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow.atmask:5000"
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {image}
-    assert executors["exec-train-op"]["container"]["resources"]["accelerator"]["resourceCount"] == "4"
+    train = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train-op"]["inputs"]["parameters"]
+    assert train["image"] == {"runtimeValue": {"constant": image}}  # what a TrainJob runs
     assert pl.compiled_image(out) == image
 
 
-def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, dict]) -> None:
+def test_train_resources_follow_the_gpus_and_nodes_parameters(compiled: tuple[dict, dict]) -> None:
+    """gpus_per_node and nodes are run-time parameters: the config task turns them into the train task's
+    requests (CPU, memory scale per GPU; /dev/shm is memory-backed and sized by the memory limit; the
+    DataLoader workers are per process, torchrun starts one process per GPU), or a small launcher pod."""
+    assert runtime.train_task_resources(1, 1) == {
+        "cpu_request": "8", "cpu_limit": "16", "memory_request": "48G", "memory_limit": "64G", "gpus": "1",
+        "node_selector": {"nvidia.com/gpu.present": "true"},
+    }  # fmt: skip
+    four = runtime.train_task_resources(4, 1)
+    assert (four["gpus"], four["cpu_request"], four["cpu_limit"], four["memory_limit"]) == (
+        "4",
+        "32",
+        "64",
+        "256G",
+    )
+    launcher = runtime.train_task_resources(8, 4)  # a TrainJob of 4 nodes x 8 GPUs trains; this pod waits
+    assert (launcher["gpus"], launcher["cpu_limit"], launcher["node_selector"]) == ("0", "2", {})
+    assert runtime.node_resources(8).requirements()["limits"] == {
+        "cpu": "128", "memory": "512G", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "8",
+    }  # fmt: skip
+    with pytest.raises(UserError, match="gpus_per_node=0, nodes=1: both must be >= 1"):
+        runtime.train_task_resources(0, 1)
+    spec, platform = compiled
+    res = spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["resources"]
+    channel = "{{$.inputs.parameters['pipelinechannel--resources-op-%s']}}"
+    assert res["accelerator"]["resourceCount"] == channel % "gpus"
+    assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == (
+        channel % "cpu_request",
+        channel % "cpu_limit",
+    )
+    assert res["resourceMemoryLimit"] == channel % "memory_limit"
+    selector = platform["exec-train-op"]["nodeSelector"]["nodeSelectorJson"]
+    assert selector == {
+        "taskOutputParameter": {"outputParameterKey": "node_selector", "producerTask": "resources-op"}
+    }
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    for task in ("resources-op", "train-op"):
+        assert loop[task]["inputs"]["parameters"]["nodes"] == {
+            "componentInputParameter": "pipelinechannel--nodes"
+        }
+        gpus = loop[task]["inputs"]["parameters"]["gpus_per_node"]
+        assert gpus == {"componentInputParameter": "pipelinechannel--gpus_per_node"}
+    cpu = loop["train-op"]["inputs"]["parameters"]["pipelinechannel--resources-op-cpu_limit"]
+    assert cpu == {"taskOutputParameter": {"outputParameterKey": "cpu_limit", "producerTask": "resources-op"}}
+
+
+def test_batch_that_does_not_split_over_the_processes_fails_in_config(
+    tmp_path: Path, repo_root: Path
+) -> None:
+    raw = json.dumps(yaml.safe_load((repo_root / "params.yaml").read_text()))
+    path = runtime.write_params(raw, {"train.recipe": "r50_fpn_coco"}, tmp_path)
+    assert len(runtime.run_items(path, ["baseline", "atmask"], 4)) == 2  # batch 12 over 4 GPUs
+    with pytest.raises(
+        UserError, match=r"recipes.r50_fpn_coco.batch_size 12 .* not divisible by 16 processes"
+    ):
+        runtime.run_items(path, ["baseline"], 16)
+
+
+def test_gpu_tasks_placement_shm_labels_and_retry(compiled: tuple[dict, dict]) -> None:
     spec, platform = compiled
     executors = spec["deploymentSpec"]["executors"]
+    res = executors["exec-evaluate-op"]["container"]["resources"]
+    assert (res["accelerator"]["resourceCount"], res["accelerator"]["resourceType"]) == (
+        "1",
+        "nvidia.com/gpu",
+    )
+    assert (res["resourceCpuRequest"], res["resourceMemoryLimit"]) == ("8", "64G")
     for name in GPU_TASKS:
-        res = executors[name]["container"]["resources"]
-        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert res["accelerator"]["resourceCount"] == "1"
-        assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == ("8", "16")
-        assert (res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == ("48G", "64G")
         k8s = platform[name]
-        assert k8s["emptyDirMounts"] == [
-            {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
-        ]
-        assert k8s["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+        assert k8s["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
         assert k8s["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+        assert k8s["podMetadata"]["labels"] == {
+            "atmask.io/pipeline": "atmask-ablation",
+            "atmask.io/datasets": "read-only",  # k8s/base/admission.yaml: the data volume read-only
+            "atmask.io/priority": "gpu",  # and the GPU PriorityClass
+        }
+    assert platform["exec-evaluate-op"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     for task in ("train-op", "evaluate-op"):
         assert loop[task]["retryPolicy"] == {
@@ -132,27 +205,59 @@ def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, 
             "backoffMaxDuration": "3600s",
             "maxRetryCount": 3,
         }
-    for name in (
-        "exec-config-op",
-        "exec-fingerprint-op",
-        "exec-ingest-op",
-        "exec-report-op",
-        "exec-register-op",
-    ):
+    for name in ("exec-config-op", "exec-data-op", "exec-resources-op", "exec-report-op", "exec-register-op"):
         assert "accelerator" not in executors[name]["container"]["resources"]
-    # training keeps its checkpoints on the runs PVC (k8s/base/storage.yaml), so a retry resumes
-    (mount,) = platform["exec-train-op"]["pvcMount"]
-    assert (mount["constant"], mount["mountPath"]) == ("atmask-runs", "/mnt/atmask-runs")
+        assert platform[name]["podMetadata"]["labels"] == {"atmask.io/pipeline": "atmask-ablation"}
+    # the KFP run id names the checkpoint folder: a retry (same run) resumes, a new run starts afresh;
+    # it comes from the pod's label, so it does not enter the cache key (a per-run input would)
+    env = {e["name"]: e["fieldPath"] for e in platform["exec-train-op"]["fieldPathAsEnv"]}
+    assert env["ATMASK_PIPELINE_RUN_ID"] == "metadata.labels['pipeline/runid']"
     train_inputs = loop["train-op"]["inputs"]["parameters"]
-    assert train_inputs["checkpoint_root"] == {"componentInputParameter": "pipelinechannel--checkpoint_root"}
-    assert "PIPELINE_JOB_ID" not in json.dumps(train_inputs)  # a per-run value would defeat caching
+    assert "PIPELINE_JOB_ID" not in json.dumps(train_inputs)
+
+
+def test_data_by_reference_read_only_in_train_and_evaluate(compiled: tuple[dict, dict]) -> None:
+    """The data task alone writes the datasets volume; train and evaluate mount it (made read-only by the
+    admission policy matching their label) and receive a path: no dataset is a KFP artifact."""
+    spec, platform = compiled
+    mounts = {
+        name: [(m["constant"], m["mountPath"]) for m in platform[name].get("pvcMount", [])]
+        for name in platform
+    }
+    assert mounts["exec-data-op"] == [("atmask-datasets", "/mnt/atmask-datasets")]
+    assert mounts["exec-train-op"] == [
+        ("atmask-datasets", "/mnt/atmask-datasets"),
+        ("atmask-runs", "/mnt/atmask-runs"),
+    ]
+    assert mounts["exec-evaluate-op"] == [("atmask-datasets", "/mnt/atmask-datasets")]
+    assert "atmask.io/datasets" not in platform["exec-data-op"]["podMetadata"]["labels"]
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    for task in ("train-op", "evaluate-op"):  # <data_root>/<hash>: the folder the data task filled
+        inputs = loop[task]["inputs"]["parameters"]
+        assert inputs["data_md5"] == {"componentInputParameter": "pipelinechannel--data_md5"}
+        assert inputs["data_root"] == {"componentInputParameter": "pipelinechannel--data_root"}
+    train_artifacts = spec["components"]["comp-train-op"]["inputDefinitions"]["artifacts"]
+    assert set(train_artifacts) == {"params_file"}
+    assert set(spec["components"]["comp-evaluate-op"]["inputDefinitions"]["artifacts"]) == {
+        "params_file",
+        "model",
+    }
+    assert "outputDefinitions" not in spec["components"]["comp-data-op"] or not spec["components"][
+        "comp-data-op"
+    ]["outputDefinitions"].get("artifacts")
+    datasets = [
+        (name, key)
+        for name, comp in spec["components"].items()
+        for key, art in comp.get("outputDefinitions", {}).get("artifacts", {}).items()
+        if art["artifactType"]["schemaTitle"] == "system.Dataset"
+    ]
+    assert datasets == [("comp-report-op", "table")]  # the ablation table (CSV), a few KB
 
 
 def test_secrets_are_env_from_secret_refs(compiled: tuple[dict, dict]) -> None:
     _, platform = compiled
     expected = {
-        "exec-fingerprint-op": {"atmask-s3"},
-        "exec-ingest-op": {"atmask-s3"},
+        "exec-data-op": {"atmask-s3"},  # the DVC remote
         "exec-train-op": {"atmask-s3", "atmask-mlflow-client"},
         "exec-evaluate-op": {"atmask-s3", "atmask-mlflow-client"},
         "exec-register-op": {"atmask-s3", "atmask-mlflow-client"},
@@ -170,7 +275,7 @@ def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == {
-        f"exec-{n}-op" for n in ("config", "fingerprint", "ingest", "train", "evaluate", "report", "register")
+        f"exec-{n}-op" for n in ("config", "data", "resources", "train", "evaluate", "report", "register")
     }
     for executor in executors.values():
         command = " ".join(executor["container"]["command"])
@@ -179,36 +284,23 @@ def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
     assert len({e["container"]["image"] for e in executors.values()}) == 1
 
 
-def test_caching_off_only_for_register_and_the_source_fingerprint(compiled: tuple[dict, dict]) -> None:
+def test_caching_off_only_for_register_and_the_data_task(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     root = spec["root"]["dag"]["tasks"]
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert root["register-op"]["cachingOptions"] == {}
-    assert root["fingerprint-op"]["cachingOptions"] == {}
+    assert root["data-op"]["cachingOptions"] == {}
     for task in (
         root["config-op"],
-        root["ingest-op"],
         root["report-op"],
+        loop["resources-op"],
         loop["train-op"],
         loop["evaluate-op"],
     ):
         assert task["cachingOptions"] == {"enableCache": True}
-    # a cache key sees exactly what a task depends on: the dataset does not depend on the recipe or the
-    # registry gate (changing them reuses the ingested data), the params file does depend on the recipe
-    assert set(root["ingest-op"]["inputs"]["parameters"]) == {
-        "params_json",
-        "overrides",
-        "data_source",
-        "source_fingerprint",
-    }
-    assert set(root["config-op"]["inputs"]["parameters"]) == {
-        "params_json",
-        "overrides",
-        "data_source",
-        "recipe",
-        "ablations",
-        "seeds",
-    }
+    # a train task's cache key holds the data version (its folder is named by the DVC hash), the image,
+    # the recipe and the resources, and not the pipeline run
+    assert set(loop["train-op"]["inputs"]["parameters"]) >= {"data_md5", "image", "gpus_per_node", "nodes"}
     register_inputs = set(root["register-op"]["inputs"]["parameters"])
     assert {"register_candidate", "register_min_improvement", "mlflow_tracking_uri"} <= register_inputs
 
@@ -239,24 +331,21 @@ def test_write_params_applies_overrides_and_validates(tmp_path: Path, repo_root:
         runtime.pipeline_overrides("{nope", {})
 
 
-def test_checkpoint_dir_is_keyed_by_inputs(tmp_path: Path) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text("a: 1\n")
+def test_checkpoint_dir_is_per_pipeline_run_ablation_and_seed(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
-    assert runtime.checkpoint_dir("", params, "atmask", 0, "c1") is None
-    assert runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1") is None  # volume not mounted
+    assert runtime.checkpoint_dir("", "run-1", "atmask", 0) is None
+    assert runtime.checkpoint_dir(str(root), "run-1", "atmask", 0) is None  # volume not mounted
     root.mkdir()
-    first = runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1")
-    assert first == runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1")
-    assert first.parent == root and first.name.startswith("atmask-seed0-")
+    assert runtime.checkpoint_dir(str(root), "", "atmask", 0) is None  # no run id: no resume
+    first = runtime.checkpoint_dir(str(root), "run-1", "atmask", 0)
+    assert first == root / "run-1" / "atmask" / "seed0" and first.is_dir()  # created by the task
+    assert runtime.checkpoint_dir(str(root), "run-1", "atmask", 0) == first  # the retried task resumes
     others = {
-        runtime.checkpoint_dir(str(root), params, "baseline", 0, "c1"),
-        runtime.checkpoint_dir(str(root), params, "atmask", 1, "c1"),
-        runtime.checkpoint_dir(str(root), params, "atmask", 0, "c2"),
+        runtime.checkpoint_dir(str(root), "run-2", "atmask", 0),  # a new pipeline run never resumes
+        runtime.checkpoint_dir(str(root), "run-1", "baseline", 0),
+        runtime.checkpoint_dir(str(root), "run-1", "atmask", 1),
     }
-    params.write_text("a: 2\n")
-    others.add(runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1"))
-    assert len(others) == 4 and first not in others
+    assert len(others) == 3 and first not in others
 
 
 def test_train_step_with_work_dir_resumes_there_and_copies_the_run(
@@ -326,6 +415,8 @@ class _FakeKfp(http.server.BaseHTTPRequestHandler):
     """The few KFP v2beta1 endpoints kfp.Client uses to start a run; records what it receives."""
 
     requests: ClassVar[list[tuple[str, str, str | None, dict]]] = []
+    multi_user: ClassVar[bool] = False
+    refuse_namespace: ClassVar[str] = ""
 
     def _reply(self, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -336,11 +427,21 @@ class _FakeKfp(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         _FakeKfp.requests.append(("GET", self.path, self.headers.get("Authorization"), {}))
-        self._reply({"multi_user": False} if "healthz" in self.path else {})
+        self._reply({"multi_user": _FakeKfp.multi_user} if "healthz" in self.path else {})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _FakeKfp.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
+        if _FakeKfp.refuse_namespace and body.get("namespace") == _FakeKfp.refuse_namespace:
+            message = (
+                f"Failed to authorize with API: namespace {body['namespace']} is not a profile namespace"
+            )
+            data = json.dumps({"error": message, "code": 7, "message": message}).encode()
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(data)
+            return
         ids = {
             "/apis/v2beta1/experiments": {"experiment_id": "exp-1"},
             "/apis/v2beta1/runs": {"run_id": "run-1"},
@@ -354,40 +455,120 @@ class _FakeKfp(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_kfp() -> Iterator[str]:
     _FakeKfp.requests.clear()
+    _FakeKfp.multi_user, _FakeKfp.refuse_namespace = False, ""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfp)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
 
 
-def test_submit_starts_a_run_with_the_compiled_spec(
-    fake_kfp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+def test_submit_starts_a_run_with_the_data_version_source_and_service_account(
+    fake_kfp: str, dvc_repo: DvcRepo, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(dvc_repo.path)  # the checkout whose dvc.lock names the data version
     monkeypatch.setenv("KF_PIPELINES_TOKEN", "tok-123")
     argv = ["pipeline", "submit", "--host", fake_kfp, "--experiment", "ablations-x", "--run-name", "r"]
-    argv += ["--param", "ablations=baseline,atmask", "--param", "register_min_improvement=0.01"]
-    assert atmask(argv) == 0
+    argv += ["--package", str(COMPILED), "--param", "ablations=baseline,atmask"]
+    assert atmask([*argv, "--param", "register_min_improvement=0.01", "--recipe", "r101_fpn_coco"]) == 0
     out = capsys.readouterr().out
     assert "submitted run run-1 (r) in experiment 'ablations-x'" in out
+    assert f"data data/coco {dvc_repo.md5} from {dvc_repo.remote}" in out
     posts = {path: body for method, path, _, body in _FakeKfp.requests if method == "POST"}
     assert posts["/apis/v2beta1/experiments"]["display_name"] == "ablations-x"
     run = posts["/apis/v2beta1/runs"]
     assert (run["experiment_id"], run["display_name"]) == ("exp-1", "r")
+    assert run["service_account"] == "atmask-pipeline-runner"  # k8s/base/rbac.yaml: exactly what it needs
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dvc_repo.path, capture_output=True, text=True)
     assert run["runtime_config"]["parameters"] == {
         "ablations": ["baseline", "atmask"],
         "register_min_improvement": 0.01,
+        "recipe": "r101_fpn_coco",
+        "data_md5": dvc_repo.md5,  # dvc.lock's hash of data/coco
+        "data_path": "data/coco",
+        "dvc_remote": dvc_repo.remote,
+        "git_commit": head.stdout.strip(),
+        "git_repo": "https://github.com/atmask-rcnn/atmask.git",
     }
     spec, platform = yaml.safe_load_all(COMPILED.read_text())
-    assert run["pipeline_spec"] == {
-        "pipeline_spec": spec,
-        "platform_spec": platform,
-    }  # GPU/secrets config too
+    assert run["pipeline_spec"] == {"pipeline_spec": spec, "platform_spec": platform}
     assert {auth for _, _, auth, _ in _FakeKfp.requests} == {"Bearer tok-123"}
 
 
-def test_submit_unreachable_host_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
+def test_submit_takes_the_namespace_from_the_kube_context(
+    fake_kfp: str, dvc_repo: DvcRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _FakeKfp.multi_user = True
+    monkeypatch.chdir(dvc_repo.path)
+    argv = ["pipeline", "submit", "--host", fake_kfp, "--package", str(COMPILED)]
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    assert atmask(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("multi-user Kubeflow Pipelines needs a profile namespace; pass --namespace (e.g. "
+                        "atmask-pipelines, the Profile in k8s/profile) or set one in your kube context")  # fmt: skip
+    kubeconfig = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "team",
+        "contexts": [{"name": "team", "context": {"cluster": "c", "user": "u", "namespace": "team-a"}}],
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:6443"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+    }  # fmt: skip
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
+    assert atmask(argv) == 0
+    posts = {path: body for method, path, _, body in _FakeKfp.requests if method == "POST"}
+    assert posts["/apis/v2beta1/experiments"]["namespace"] == "team-a"
+
+
+def test_submit_to_a_namespace_kfp_does_not_manage_is_one_line(
+    fake_kfp: str, dvc_repo: DvcRepo, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    _FakeKfp.multi_user = True
+    _FakeKfp.refuse_namespace = "elsewhere"
+    monkeypatch.chdir(dvc_repo.path)
+    argv = ["pipeline", "submit", "--host", fake_kfp, "--package", str(COMPILED), "--namespace", "elsewhere"]
+    assert atmask(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith(
+        "atmask pipeline: error: --namespace elsewhere: Kubeflow Pipelines does not manage it"
+    )
+    assert err.endswith(
+        "create the Profile (kubectl apply -k k8s/profile) or pass the namespace of a profile you belong to"
+    )
+
+
+def test_submit_refuses_data_a_cluster_cannot_read(
+    fake_kfp: str, dvc_repo: DvcRepo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo.path, repo, ignore=shutil.ignore_patterns("cache", "tmp"))
+    monkeypatch.chdir(repo)
+    argv = ["pipeline", "submit", "--host", fake_kfp, "--package", str(COMPILED)]
+    subprocess.run(
+        ["dvc", "remote", "add", "-d", "-f", "mine", str(tmp_path / "store")], check=True, env=tool_env()
+    )
+    assert atmask(argv) == 1
+    assert "DVC remote 'mine' is " in capsys.readouterr().err  # a folder on this machine
+    assert atmask([*argv, "--dvc-remote", "storage", "--data-rev", "no-such-rev"]) == 1
+    assert "--data-rev no-such-rev: no dvc.lock at that revision" in capsys.readouterr().err
+    (repo / "dvc.lock").unlink()
+    assert atmask([*argv, "--dvc-remote", "storage"]) == 1
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "dvc.lock: not found; the data version comes from dvc.lock: run 'dvc repro ingest && dvc push' and "
+            "commit dvc.lock"
+        )
+    )
+    assert atmask([*argv, "--dvc-remote", "storage", "--data-rev", "HEAD"]) == 0  # the committed dvc.lock
+
+
+def test_submit_unreachable_host_fails_fast(
+    dvc_repo: DvcRepo, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(dvc_repo.path)
     start = time.monotonic()
-    assert atmask(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 1
+    assert atmask(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--package", str(COMPILED)]) == 1
     assert time.monotonic() - start < 5
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
@@ -397,10 +578,11 @@ def test_submit_unreachable_host_fails_fast(capsys: pytest.CaptureFixture[str]) 
 
 
 def test_submit_refused_token(
-    refusing_host: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    refusing_host: str, dvc_repo: DvcRepo, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(dvc_repo.path)
     monkeypatch.setenv("KF_PIPELINES_TOKEN", "not-a-valid-token")
-    assert atmask(["pipeline", "submit", "--host", refusing_host]) == 1
+    assert atmask(["pipeline", "submit", "--host", refusing_host, "--package", str(COMPILED)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == (
         f"atmask pipeline: error: --host {refusing_host}: token refused (HTTP 401); set a valid bearer "
@@ -409,8 +591,12 @@ def test_submit_refused_token(
     assert _Refuse.seen[-1] == "Bearer not-a-valid-token"
 
 
-def test_submit_bad_param_fails_before_contacting_host(capsys: pytest.CaptureFixture[str]) -> None:
-    assert atmask(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--param", "epochs=3"]) == 1
+def test_submit_bad_param_fails_before_contacting_host(
+    dvc_repo: DvcRepo, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(dvc_repo.path)
+    argv = ["pipeline", "submit", "--host", "http://127.0.0.1:9", "--package", str(COMPILED)]
+    assert atmask([*argv, "--param", "epochs=3"]) == 1
     assert "--param epochs: not a pipeline parameter" in capsys.readouterr().err
 
 
@@ -418,15 +604,17 @@ def test_submit_bad_param_fails_before_contacting_host(capsys: pytest.CaptureFix
 
 
 @pytest.mark.slow
-def test_run_local_executes_whole_dag(
-    tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.integration
+def test_run_local_executes_whole_dag_on_dvc_versioned_data(
+    tmp_path: Path, dvc_repo: DvcRepo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)
+    """The whole DAG with kfp.local's subprocess runner: the data task pulls dvc.lock's version from the S3
+    remote (moto), and every MLflow training run records that version and this checkout as its source."""
+    monkeypatch.chdir(dvc_repo.path)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dvc_repo.endpoint)
     work = tmp_path / "work"
-    assert (
-        atmask(["pipeline", "run-local", "--workdir", str(work), "--params", str(repo_root / "params.yaml")])
-        == 0
-    )
+    argv = ["pipeline", "run-local", "--workdir", str(work), "--params", str(dvc_repo.path / "params.yaml")]
+    assert atmask(argv) == 0
     for ablation in ("baseline", "atmask"):
         metrics = json.loads((work / "runs" / ablation / "seed0" / "metrics.json").read_text())
         for key in ("segm/AP", "bbox/AP", "boundary/AP", "threshold_sweep/0.5/segm_AP"):
@@ -445,18 +633,36 @@ def test_run_local_executes_whole_dag(
     versions = client.search_model_versions("name = 'atmask-rcnn'")
     assert [str(v.version) for v in versions] == ["1"]
     assert str(client.get_model_version_by_alias("atmask-rcnn", decision["decision"]).version) == "1"
-    trained = sorted(p.name.split("-")[0] for p in (work / "checkpoints").iterdir())
-    assert trained == ["atmask", "baseline"]  # training ran in the resumable checkpoint folders
+    experiment = client.get_experiment_by_name("atmask-ablations")
+    runs = client.search_runs([experiment.experiment_id], "tags.ablation != ''")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=dvc_repo.path, capture_output=True, text=True)
+    assert len(runs) == 2
+    for run in runs:
+        (data,) = run.inputs.dataset_inputs
+        assert (data.dataset.name, data.dataset.digest) == ("data/coco", dvc_repo.md5)  # what dvc.lock holds
+        assert json.loads(data.dataset.source) == {"uri": object_uri(dvc_repo.remote, dvc_repo.md5)}
+        assert {t.key: t.value for t in data.tags} == {"mlflow.data.context": "training"}
+        assert run.data.tags["mlflow.source.git.commit"] == head.stdout.strip()
+        assert run.data.tags["mlflow.source.name"] == "https://github.com/atmask-rcnn/atmask.git"
+        assert run.data.tags["mlflow.source.type"] == "JOB"
+    (run_dir,) = (work / "checkpoints").iterdir()  # one pipeline run: <run id>/<ablation>/seed<k>
+    assert sorted(p.name for p in run_dir.iterdir()) == ["atmask", "baseline"]
+    assert (run_dir / "atmask" / "seed0" / "checkpoints").is_dir()  # training ran resumable there
+    (pulled,) = [p for p in (work / "datasets").iterdir() if p.is_dir()]
+    assert pulled.name == dvc_repo.md5.removesuffix(".dir")
     summary = json.loads((work / "summary.json").read_text())
-    assert set(summary["runs"]) == {"baseline", "atmask"}
+    assert set(summary["runs"]) == {"baseline/seed0", "atmask/seed0"}
 
 
-def test_run_local_failure_is_one_line_without_retries(
-    tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]
+def test_run_local_with_a_data_version_not_in_the_remote_is_one_line(
+    tmp_path: Path, dvc_repo: DvcRepo, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["data"]["source"] = str(tmp_path / "no-such-dataset")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    repo = tmp_path / "repo"
+    shutil.copytree(dvc_repo.path, repo, ignore=shutil.ignore_patterns("cache", "tmp", "data"))
+    lock = (repo / "dvc.lock").read_text().replace(dvc_repo.md5, "0" * 32 + ".dir")
+    (repo / "dvc.lock").write_text(lock)
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dvc_repo.endpoint)
     start = time.monotonic()
     argv = [
         "pipeline",
@@ -464,11 +670,14 @@ def test_run_local_failure_is_one_line_without_retries(
         "--workdir",
         str(tmp_path / "work"),
         "--params",
-        str(tmp_path / "params.yaml"),
+        str(repo / "params.yaml"),
     ]
     assert atmask(argv) == 1
     assert time.monotonic() - start < 60  # the cluster's retry back-off (minutes) is not used locally
-    last = capsys.readouterr().err.strip().splitlines()[-1].strip()
+    out, err = capfd.readouterr()  # the tasks run in subprocesses
+    last = err.strip().splitlines()[-1].strip()
     assert last.startswith("atmask pipeline: error: local pipeline run failed (Pipeline 'atmask-ablation'")
-    assert "'fingerprint-op'" in last and "\x1b" not in last  # the first task that reads the source
+    assert "'data-op'" in last and "\x1b" not in last  # the first task that reads the data
+    expected = f"atmask pull: error: DVC remote {dvc_repo.remote}: data version {'0' * 32}.dir is not there"
+    assert expected in out + err
     assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "summary.json").exists()
