@@ -65,7 +65,9 @@ def test_a_version_not_in_the_remote_is_one_line(s3_env: DvcRepo, tmp_path: Path
     assert atmask(argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
-    assert err.startswith(f"atmask pull: error: DVC remote {s3_env.remote}: data version {missing} is not there")
+    assert err.startswith(
+        f"atmask pull: error: DVC remote {s3_env.remote}: data version {missing} is not there"
+    )
     assert "dvc push" in err and not list((tmp_path / "d").glob("*"))
     assert atmask(["pull", "--md5", "abc", "--remote", s3_env.remote, "--root", str(tmp_path / "d")]) == 1
     assert "not a DVC folder hash" in capsys.readouterr().err
@@ -108,7 +110,9 @@ def test_an_unwritable_root_is_one_line(s3_env: DvcRepo, tmp_path: Path) -> None
         pull(s3_env.md5, s3_env.remote, root)
 
 
-def test_source_tags_come_from_git_or_the_pipeline(monkeypatch: pytest.MonkeyPatch, dvc_repo: DvcRepo) -> None:
+def test_source_tags_come_from_git_or_the_pipeline(
+    monkeypatch: pytest.MonkeyPatch, dvc_repo: DvcRepo
+) -> None:
     monkeypatch.chdir(dvc_repo.path)
     tags = provenance.source_tags("atmask train")
     assert len(tags["mlflow.source.git.commit"]) == 40
