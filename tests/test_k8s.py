@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -529,3 +530,41 @@ def test_mlflow_allowed_hosts_accept_in_cluster_names_and_refuse_others(
             assert status(host) == 200, host
         refused = status("evil.example.com:5000")
         assert 400 <= refused < 500, refused
+
+
+@pytest.mark.integration
+def test_the_prod_migration_script_brings_both_schemas_to_head(tmp_path: Path) -> None:
+    """k8s/overlays/prod/mlflow_migrate.py for real against SQLite stores (PostgreSQL adds the advisory
+    lock around the same calls): the schemas created, a second run (the replica that waited) a no-op. The
+    auth schema needs mlflow[auth] (Flask-WTF), which the MLflow image has; without it only the tracking one."""
+    import importlib.util
+    import sqlite3
+
+    with_auth = importlib.util.find_spec("flask_wtf") is not None
+
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{tmp_path / 'auth.db'}\n"
+        "admin_username = admin\nadmin_password = password1234\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {**os.environ, "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    if with_auth:
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+    script = [sys.executable, str(K8S / "overlays" / "prod" / "mlflow_migrate.py"), "--timeout=10"]
+    for _ in range(2):
+        result = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.strip().endswith("and the auth store are at the current schema")
+    for db, table in (("mlflow.db", "experiments"), ("auth.db", "users"))[: 1 + with_auth]:
+        with sqlite3.connect(tmp_path / db) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"alembic_version", table} <= tables, db
+    result = subprocess.run(
+        script, env={**env, "MLFLOW_BACKEND_STORE_URI": ""}, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == "mlflow-migrate: MLFLOW_BACKEND_STORE_URI is not set; add it to Secret atmask-mlflow-server"
+    )
