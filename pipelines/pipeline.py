@@ -133,6 +133,86 @@ def from_pod(task: dsl.PipelineTask) -> dsl.PipelineTask:
     return kubernetes.use_field_path_as_env(task, runtime.SA_ENV, "spec.serviceAccountName")
 
 
+class _Dag:
+    """Adds the tasks to the pipeline being built; ``p`` holds the pipeline's parameters (channels)."""
+
+    def __init__(self, ops: dict[str, Callable], image: str, res: GpuResources, p: dict[str, Any]) -> None:
+        self.ops, self.image, self.res, self.p = ops, image, res, p
+        self.cpu_retries = 2 if res.retries else 0
+
+    def head(self) -> tuple[dsl.PipelineTask, dsl.PipelineTask]:
+        p = self.p
+        keys = ("params_json", "overrides", "recipe", "ablations", "seeds", "gpus_per_node", "nodes")
+        config = self.ops["config"](**{k: p[k] for k in keys}).set_display_name("config")
+        on_cpu_node(config, "1", "1G", self.cpu_retries)
+        keys = ("data_md5", "dvc_remote", "data_path", "data_root")
+        data = self.ops["data"](**{k: p[k] for k in keys}).set_display_name("data").set_caching_options(False)
+        on_cpu_node(use_secrets(data, mlflow=False), "4", "8G", self.cpu_retries)
+        kubernetes.mount_pvc(data, pvc_name=DATASETS_PVC, mount_path=DATASETS_MOUNT)  # the only writer
+        return config, data
+
+    def train(self, params_file: Any, run: Any, data: dsl.PipelineTask) -> dsl.PipelineTask:
+        """resources -> train: one node with torchrun, or a launcher pod for a TrainJob."""
+        p = self.p
+        pod = self.ops["resources"](gpus_per_node=p["gpus_per_node"], nodes=p["nodes"])
+        on_cpu_node(pod.set_display_name("resources"), "500m", "512M", self.cpu_retries)
+        keys = (
+            "data_root",
+            "data_md5",
+            "gpus_per_node",
+            "nodes",
+            "train_timeout_s",
+            "git_commit",
+            "git_repo",
+        )
+        keys += ("mlflow_tracking_uri", "checkpoint_root")
+        train = self.ops["train"](
+            params_file=params_file,
+            ablation=run.ablation,
+            seed=run.seed,
+            image=self.image,
+            **{k: p[k] for k in keys},
+        ).set_display_name("train")
+        train.after(data)
+        train.set_accelerator_limit(pod.outputs["gpus"])
+        train.set_cpu_request(pod.outputs["cpu_request"]).set_cpu_limit(pod.outputs["cpu_limit"])
+        train.set_memory_request(pod.outputs["memory_request"]).set_memory_limit(pod.outputs["memory_limit"])
+        on_gpu_node(from_pod(use_secrets(train)), self.res.retries, pod.outputs["node_selector"])
+        return kubernetes.mount_pvc(train, pvc_name=RUNS_PVC, mount_path=RUNS_MOUNT)
+
+    def evaluate(self, params_file: Any, train: dsl.PipelineTask) -> dsl.PipelineTask:
+        p = self.p
+        evaluate = self.ops["evaluate"](
+            params_file=params_file,
+            data_root=p["data_root"],
+            data_md5=p["data_md5"],
+            model=train.outputs["model"],
+            mlflow_tracking_uri=p["mlflow_tracking_uri"],
+        ).set_display_name("evaluate")
+        one = runtime.node_resources(1)
+        evaluate.set_accelerator_limit(1).set_cpu_request(one.cpu_request).set_cpu_limit(one.cpu_limit)
+        evaluate.set_memory_request(one.memory_request).set_memory_limit(one.memory_limit)
+        return on_gpu_node(use_secrets(evaluate), self.res.retries)
+
+    def tail(self, params_file: Any, evaluate: dsl.PipelineTask) -> None:
+        p = self.p
+        runs = dsl.Collected(evaluate.outputs["evaluated"])
+        uri = p["mlflow_tracking_uri"]
+        report = self.ops["report"](params_file=params_file, runs=runs, mlflow_tracking_uri=uri)
+        on_cpu_node(use_secrets(report.set_display_name("report"), s3=False), "1", "4G", self.cpu_retries)
+        register = self.ops["register"](
+            params_file=params_file,
+            runs=dsl.Collected(evaluate.outputs["evaluated"]),
+            mlflow_tracking_uri=uri,
+            register_candidate=p["register_candidate"],
+            register_min_improvement=p["register_min_improvement"],
+            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        ).set_display_name("register")
+        # The gate compares with the registry's current champion, which changes outside this pipeline.
+        register.after(report).set_caching_options(False)
+        on_cpu_node(use_secrets(register), "2", "8G", self.cpu_retries)
+
+
 def build_pipeline(
     image: str = DEFAULT_IMAGE,
     params_path: str | Path = "params.yaml",
@@ -142,7 +222,6 @@ def build_pipeline(
     d = pipeline_defaults(params_path)
     res = resources or GpuResources()
     ops = build_components(image)
-    cpu_retries = 2 if res.retries else 0
 
     @dsl.pipeline(name=PIPELINE_NAME, description="ATMask R-CNN ablations: train, evaluate, report, register")
     def atmask_ablation(
@@ -165,77 +244,12 @@ def build_pipeline(
         checkpoint_root: str = d["checkpoint_root"],
         train_timeout_s: int = d["train_timeout_s"],
     ) -> None:
-        config = ops["config"](
-            params_json=params_json,
-            overrides=overrides,
-            recipe=recipe,
-            ablations=ablations,
-            seeds=seeds,
-            gpus_per_node=gpus_per_node,
-            nodes=nodes,
-        ).set_display_name("config")
-        on_cpu_node(config, "1", "1G", cpu_retries)
-        data = ops["data"](data_md5=data_md5, dvc_remote=dvc_remote, data_path=data_path, data_root=data_root)
-        data.set_display_name("data").set_caching_options(False)
-        on_cpu_node(use_secrets(data, mlflow=False), "4", "8G", cpu_retries)
-        kubernetes.mount_pvc(data, pvc_name=DATASETS_PVC, mount_path=DATASETS_MOUNT)  # the only writer
+        dag = _Dag(ops, image, res, dict(locals()))
+        config, data = dag.head()
         params_file = config.outputs["params_file"]
         with dsl.ParallelFor(items=config.outputs["Output"]) as run:  # one item per (ablation, seed)
-            pod = ops["resources"](gpus_per_node=gpus_per_node, nodes=nodes).set_display_name("resources")
-            on_cpu_node(pod, "500m", "512M", cpu_retries)
-            train = ops["train"](
-                params_file=params_file,
-                data_root=data_root,
-                data_md5=data_md5,
-                ablation=run.ablation,
-                seed=run.seed,
-                gpus_per_node=gpus_per_node,
-                nodes=nodes,
-                image=image,
-                train_timeout_s=train_timeout_s,
-                git_commit=git_commit,
-                git_repo=git_repo,
-                mlflow_tracking_uri=mlflow_tracking_uri,
-                checkpoint_root=checkpoint_root,
-            ).set_display_name("train")
-            train.after(data)
-            train.set_accelerator_limit(pod.outputs["gpus"])
-            train.set_cpu_request(pod.outputs["cpu_request"]).set_cpu_limit(pod.outputs["cpu_limit"])
-            train.set_memory_request(pod.outputs["memory_request"]).set_memory_limit(
-                pod.outputs["memory_limit"]
-            )
-            on_gpu_node(from_pod(use_secrets(train)), res.retries, pod.outputs["node_selector"])
-            kubernetes.mount_pvc(train, pvc_name=RUNS_PVC, mount_path=RUNS_MOUNT)
-            evaluate = ops["evaluate"](
-                params_file=params_file,
-                data_root=data_root,
-                data_md5=data_md5,
-                model=train.outputs["model"],
-                mlflow_tracking_uri=mlflow_tracking_uri,
-            ).set_display_name("evaluate")
-            one_gpu = runtime.node_resources(1)
-            evaluate.set_accelerator_limit(1).set_cpu_request(one_gpu.cpu_request).set_cpu_limit(
-                one_gpu.cpu_limit
-            )
-            evaluate.set_memory_request(one_gpu.memory_request).set_memory_limit(one_gpu.memory_limit)
-            on_gpu_node(use_secrets(evaluate), res.retries)
-        report = ops["report"](
-            params_file=params_file,
-            runs=dsl.Collected(evaluate.outputs["evaluated"]),
-            mlflow_tracking_uri=mlflow_tracking_uri,
-        ).set_display_name("report")
-        on_cpu_node(use_secrets(report, s3=False), "1", "4G", cpu_retries)
-        register = ops["register"](
-            params_file=params_file,
-            runs=dsl.Collected(evaluate.outputs["evaluated"]),
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            register_candidate=register_candidate,
-            register_min_improvement=register_min_improvement,
-            pipeline_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        ).set_display_name("register")
-        # The gate compares with the registry's current champion, which changes outside this pipeline.
-        register.after(report).set_caching_options(False)
-        on_cpu_node(use_secrets(register), "2", "8G", cpu_retries)
+            evaluate = dag.evaluate(params_file, dag.train(params_file, run, data))
+        dag.tail(params_file, evaluate)
 
     return atmask_ablation
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from fixtures_k8s import KubeApiDouble, Script
+from test_k8s import trainjob_pod, trainjob_request
 
 from components.errors import UserError
 from pipelines import runtime
@@ -189,3 +190,38 @@ def test_the_multinode_train_step_hands_the_run_on(
     assert created["spec"]["trainer"]["numNodes"] == 2
     assert created["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "8"
     assert created["metadata"]["namespace"] == NS and kube_api.jobs == {}
+
+
+def test_trainjob_runs_the_same_command_read_only_data_and_scaled_resources() -> None:
+    trainjob = trainjob_manifest(trainjob_request())
+    trainer = trainjob["spec"]["trainer"]
+    assert trainjob["spec"]["runtimeRef"] == {
+        "name": "torch-distributed",
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "ClusterTrainingRuntime",
+    }
+    assert trainer["command"][:4] == ["torchrun", "-m", "components.cli", "train"]
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
+    assert trainer["resourcesPerNode"]["requests"] == {
+        "cpu": "64", "memory": "384G", "ephemeral-storage": "20Gi", "nvidia.com/gpu": "8",
+    }  # fmt: skip
+    small = trainjob_manifest(trainjob_request(2, 1))["spec"]["trainer"]
+    assert small["resourcesPerNode"]["limits"]["cpu"] == "16" and small["numProcPerNode"] == 1
+    pod = trainjob_pod(trainjob)
+    assert pod["metadata"]["labels"]["atmask.io/priority"] == "gpu"  # the PriorityClass (admission.yaml)
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "train"  # trainjob-peers-only
+    assert pod["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    spec = pod["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["datasets"]["persistentVolumeClaim"] == {"claimName": "atmask-datasets", "readOnly": True}
+    (node,) = spec["containers"]
+    mounts = {m["name"]: m for m in node["volumeMounts"]}
+    assert mounts["datasets"] == {"name": "datasets", "mountPath": "/mnt/atmask-datasets", "readOnly": True}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory"}  # sized by the memory limit
+    assert spec["securityContext"]["fsGroup"] == 10001 and spec["serviceAccountName"] == "atmask-trainer"
+    env = {e["name"]: e for e in node["env"]}
+    assert env["ATMASK_GIT_COMMIT"]["value"] == "a" * 40
+    assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "atmask-mlflow-client"
+    assert not {"PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR"} & set(
+        env
+    )  # reserved: the runtime sets them
