@@ -174,7 +174,7 @@ class MlflowParams:
 class ClusterParams:
     """The cluster profile: defaults of the Kubeflow pipeline (the local profile is ``train.recipe``)."""
 
-    recipe: str = "r50_fpn_coco"  # a recipe under ``recipes:`` sized for GPUs, never the CPU demo
+    recipe: str | None = None  # a recipe under ``recipes:`` sized for GPUs (None: train.recipe)
     gpus_per_node: int = 4  # the paper's 4 GPUs; torchrun inside the pod
     nodes: int = 1  # > 1: a Kubeflow Trainer TrainJob launched by the pipeline's train task
 
@@ -278,7 +278,7 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
         cluster=_build(ClusterParams, raw.get("cluster") or {}, "cluster."),
         source=path,
     )
-    if params.cluster.recipe not in recipes:
+    if params.cluster.recipe is not None and params.cluster.recipe not in recipes:
         raise ConfigError(
             f"cluster.recipe: {params.cluster.recipe!r} is not defined under 'recipes'; "
             f"defined: {', '.join(recipes)}"

@@ -71,7 +71,7 @@ def pipeline_defaults(params_path: str | Path = "params.yaml") -> dict[str, Any]
         "params_json": json.dumps(yaml.safe_load(path.read_text(encoding="utf-8")), separators=(",", ":")),
         "ablations": list(params.ablations),
         "seeds": list(params.seeds),
-        "recipe": params.cluster.recipe,
+        "recipe": params.cluster.recipe or params.recipe,
         "gpus_per_node": params.cluster.gpus_per_node,
         "nodes": params.cluster.nodes,
         "data_md5": "",  # atmask pipeline submit: from dvc.lock
