@@ -1,4 +1,4 @@
-"""The step commands of ``atmask`` (ingest, train, evaluate, report, register, promote, predict).
+"""The step commands of ``atmask`` (ingest, pull, train, evaluate, report, register, promote, predict).
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``; modules
 are imported only when their command runs, so ``atmask --help`` stays fast. This module knows only the
@@ -26,6 +26,7 @@ STEP_COMMANDS: dict[str, Command] = {
     "ingest": Command(
         "components.ingest", "validate and normalise a COCO dataset (local, s3://, https://, synthetic)"
     ),
+    "pull": Command("components.data_pull", "fetch one DVC data version by its hash from the DVC remote"),
     "train": Command("components.train", "train the baseline or an ATMask ablation"),
     "evaluate": Command(
         "components.evaluate", "COCO bbox/segm/boundary AP, threshold sweep and pictures for a run"

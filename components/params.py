@@ -177,6 +177,19 @@ class MlflowParams:
 
 
 @dataclass(frozen=True)
+class ClusterParams:
+    """The cluster profile: defaults of the Kubeflow pipeline (the local profile is ``train.recipe``)."""
+
+    recipe: str | None = None  # a recipe under ``recipes:`` sized for GPUs (None: train.recipe)
+    gpus_per_node: int = 4  # the paper's 4 GPUs; torchrun inside the pod
+    nodes: int = 1  # > 1: a Kubeflow Trainer TrainJob launched by the pipeline's train task
+
+    def __post_init__(self) -> None:
+        check_positive("gpus_per_node", self.gpus_per_node)
+        check_positive("nodes", self.nodes)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     model: dict[str, Any]
@@ -187,6 +200,7 @@ class Params:
     evaluate: EvaluateParams
     register: RegisterParams
     mlflow: MlflowParams
+    cluster: ClusterParams = field(default_factory=ClusterParams)
     source: Path = DEFAULT_PARAMS
 
     @property
@@ -232,7 +246,7 @@ def load_params(path: str | Path = DEFAULT_PARAMS, overrides: Mapping[str, Any] 
 
 
 def _parse(raw: dict[str, Any], path: Path) -> Params:
-    known = {"data", "model", "ablations", "train", "recipes", "evaluate", "register", "mlflow"}
+    known = {"data", "model", "ablations", "train", "recipes", "evaluate", "register", "mlflow", "cluster"}
     _reject_unknown(raw, known, "")
     model = dict(raw.get("model") or {})
     _reject_unknown(model, {f.name for f in dataclasses.fields(ModelConfig)} - {"ablation", "head"}, "model.")
@@ -267,8 +281,14 @@ def _parse(raw: dict[str, Any], path: Path) -> Params:
         evaluate=_build(EvaluateParams, raw.get("evaluate") or {}, "evaluate."),
         register=_build(RegisterParams, raw.get("register") or {}, "register."),
         mlflow=_build(MlflowParams, raw.get("mlflow") or {}, "mlflow."),
+        cluster=_build(ClusterParams, raw.get("cluster") or {}, "cluster."),
         source=path,
     )
+    if params.cluster.recipe is not None and params.cluster.recipe not in recipes:
+        raise ConfigError(
+            f"cluster.recipe: {params.cluster.recipe!r} is not defined under 'recipes'; "
+            f"defined: {', '.join(recipes)}"
+        )
     params.model_config(next(iter(ablations)), num_classes=2)  # the shared model keys are valid
     return params
 

@@ -37,8 +37,9 @@ from components.errors import UserError
 from components.images import ImageLimits
 from components.io import write_json_atomic
 from components.params import Params, load_params
+from components.provenance import git_commit
 from components.run_layout import INFO_FILE, METRICS_FILE
-from components.tracking import check_reachable, git_commit, mlflow_key, read_mlflow_run, tracking_uri
+from components.tracking import check_reachable, mlflow_key, read_mlflow_run, tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CHAMPION, CHALLENGER = "champion", "challenger"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +23,7 @@ import requests
 from components.errors import UserError
 from components.io import write_json_atomic
 from components.params import Params
+from components.provenance import DataVersion
 from components.run_layout import MLFLOW_RUN_FILE
 
 DEFAULT_URI = "sqlite:///mlflow.db"
@@ -110,25 +110,6 @@ def retry(
                 return False, None
             sleep(base_delay * 2**attempt)
     return False, None
-
-
-def git_commit(cwd: Path | None = None) -> str:
-    """The checked-out commit (``+dirty`` when tracked files changed), or ``unknown`` outside git."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=cwd,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return f"{head}+dirty" if dirty else head
 
 
 def mlflow_key(key: str) -> str:
@@ -241,6 +222,23 @@ class RunTracker:
                 return False
             del self._pending[: len(chunk)]
         return True
+
+    def log_dataset(self, version: DataVersion, context: str) -> None:
+        """The run's data as an MLflow dataset input: digest = the DVC hash, source = the remote object."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MLflow warns about its source-type probing
+            dataset = MetaDataset(
+                resolve_dataset_source(version.source), name=version.name, digest=version.md5
+            )
+        entry = DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        self._call(lambda: self.client.log_inputs(self.run_id, datasets=[entry]), "log dataset")
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call(

@@ -15,8 +15,9 @@ from components import checkpoint as ckpt
 from components import distributed as dist_utils
 from components.io import write_json_atomic, write_text_atomic
 from components.params import Params, TrainParams
+from components.provenance import data_version, source_tags
 from components.run_layout import LOSS_CSV, MODEL_FILE, TRAIN_LOG
-from components.tracking import RunTracker, git_commit
+from components.tracking import RunTracker
 from components.train_loop import Loop
 from components.train_recipe import amp_dtype, amp_name, data_checksum, scaled_lr
 from model.config import ModelConfig
@@ -96,7 +97,9 @@ def start_tracker(ctx: RunContext) -> RunTracker | None:
         tracker = RunTracker.start(ctx.tracking_uri, experiment, ctx.out_dir, name, resume=ctx.resume)
         recipe = {f"train.{k}": v for k, v in dataclasses.asdict(ctx.recipe).items() if k != "model"}
         tracker.log_params({**ctx.model.flat(), **recipe, "train.recipe": ctx.params.recipe})
-        tracker.set_tags(run_tags(ctx))
+        version = data_version(ctx.data_dir)
+        tracker.set_tags({**run_tags(ctx), "data_dvc_md5": version.md5, "data_source": version.source})
+        tracker.log_dataset(version, "training")
         return tracker
 
     holder: list[RunTracker] = []
@@ -105,12 +108,12 @@ def start_tracker(ctx: RunContext) -> RunTracker | None:
 
 
 def run_tags(ctx: RunContext) -> dict[str, Any]:
-    commit = git_commit()
+    source = source_tags("atmask train")
     return {
+        **source,
         "ablation": ctx.ablation,
         "seed": ctx.recipe.seed,
-        "mlflow.source.git.commit": commit,
-        "git_commit": commit,
+        "git_commit": source["mlflow.source.git.commit"],
         "data_checksum": data_checksum(ctx.data_dir),
         "data_dir": str(ctx.data_dir),
         "device": ctx.device_info,

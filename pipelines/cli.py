@@ -1,11 +1,14 @@
 """``atmask pipeline compile|submit|run-local``: the Kubeflow pipeline from the command line.
 
 - ``compile`` writes pipelines/atmask_pipeline.yaml (committed; tests fail when it is stale).
-- ``submit --host URL`` starts a run on a Kubeflow Pipelines server with ``kfp.Client``; the token comes
-  from --token-env (default ``KF_PIPELINES_TOKEN``); an unreachable host or a refused token fails within
-  a few seconds with one line.
-- ``run-local`` runs the same pipeline with ``kfp.local`` on this machine on tiny synthetic data and
-  collects metrics per ablation, the report and the registry decision under --workdir.
+- ``submit --host URL`` starts a run on a Kubeflow Pipelines server with ``kfp.Client``: the data version
+  from dvc.lock (or ``--data-rev``) and the DVC remote, this checkout's commit, the ServiceAccount the run's
+  pods use, and the namespace (default: the kube context's). The token comes from --token-env (default
+  ``KF_PIPELINES_TOKEN``); an unreachable host, a refused token or a namespace KFP does not manage fails
+  within a few seconds with one line.
+- ``run-local`` runs the same pipeline with ``kfp.local`` on this machine (the local profile's recipe at
+  tiny sizes) on the DVC data version of dvc.lock, pulled from the DVC remote, and collects metrics per
+  ablation, the report and the registry decision under --workdir.
 """
 
 import argparse
@@ -25,6 +28,7 @@ from components.run_layout import METRICS_FILE
 from pipelines.names import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
+RUNNER_SA = "atmask-pipeline-runner"  # k8s/base/rbac.yaml
 CONNECT_TIMEOUT_S = 5.0
 # run-local: sizes that make the whole DAG a few minutes on 2 CPU cores
 LOCAL_OVERRIDES: dict[str, Any] = {
@@ -58,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     comp.add_argument("--out", type=Path, default=COMPILED, help=f"output (default: {COMPILED.name})")
     comp.add_argument("--image", help="image for every component (default: the one in the compiled YAML)")
     comp.add_argument("--params", type=Path, default=Path("params.yaml"), help="defaults of the parameters")
-    comp.add_argument("--gpus", type=int, default=1, help="GPUs per training pod (torchrun inside the pod)")
+    comp.add_argument(
+        "--gpus", type=int, help="default GPUs per node (default: params.yaml cluster.gpus_per_node)"
+    )
 
     sub_ = sub.add_parser("submit", help="start a run on a Kubeflow Pipelines server")
     sub_.add_argument(
@@ -69,7 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub_.add_argument("--param", action="append", default=[], metavar="K=V", help="pipeline parameter")
     sub_.add_argument("--package", type=Path, default=COMPILED, help="compiled pipeline YAML")
     sub_.add_argument("--token-env", default=TOKEN_ENV, help=f"env var with the bearer token ({TOKEN_ENV})")
-    sub_.add_argument("--namespace", help="Kubeflow profile namespace (multi-user installs)")
+    sub_.add_argument("--namespace", help="profile namespace (multi-user KFP; default: the kube context's)")
+    sub_.add_argument(
+        "--service-account", default=RUNNER_SA, help=f"ServiceAccount of the run's pods ({RUNNER_SA})"
+    )
+    sub_.add_argument(
+        "--recipe", help="training recipe (default: the compiled cluster profile, cluster.recipe)"
+    )
+    sub_.add_argument(
+        "--data-rev", help="git revision whose dvc.lock names the data version (default: the working tree)"
+    )
+    sub_.add_argument(
+        "--dvc-remote", help="DVC remote to pull from (default: the repository's default remote)"
+    )
 
     loc = sub.add_parser("run-local", help="run the pipeline here with kfp.local on tiny synthetic data")
     loc.add_argument("--workdir", type=Path, default=Path(".kfp_local"), help="outputs (default: .kfp_local)")
@@ -77,6 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loc.add_argument("--ablations", default=",".join(LOCAL_ABLATIONS), help="comma-separated ablations")
     loc.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     loc.add_argument("--full-size", action="store_true", help="use params.yaml sizes instead of tiny ones")
+    loc.add_argument(
+        "--dvc-remote", help="DVC remote to pull from (default: the repository's default remote)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -89,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 def run_compile(args: argparse.Namespace) -> int:
     from pipelines import pipeline as pl
 
-    if args.gpus < 1:
+    if args.gpus is not None and args.gpus < 1:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
     image = args.image or pl.compiled_image(COMPILED) or DEFAULT_IMAGE
     out = pl.compile_pipeline(args.out, image, args.params, pl.GpuResources(gpus=args.gpus))
@@ -149,8 +170,9 @@ def declared_parameters(package: Path) -> dict[str, str]:
     return {name: p["parameterType"] for name, p in params.items()}
 
 
-def check_host(host: str, token: str | None) -> None:
-    """Fail fast, in one line, on an unreachable host or a refused token (kfp.Client would retry)."""
+def check_host(host: str, token: str | None) -> dict[str, Any]:
+    """Fail fast, in one line, on an unreachable host or a refused token (kfp.Client would retry); returns
+    the server's healthz answer (``multi_user`` says whether runs need a profile namespace)."""
     import requests
 
     url = host.rstrip("/") + "/apis/v2beta1/healthz"
@@ -173,41 +195,97 @@ def check_host(host: str, token: str | None) -> None:
             f"--host {host}: {url} answered HTTP {resp.status_code}; is this the KFP API endpoint "
             "(it should serve /apis/v2beta1/healthz)?"
         )
+    try:
+        return resp.json() if isinstance(resp.json(), dict) else {}
+    except ValueError:
+        return {}
+
+
+def submit_arguments(args: argparse.Namespace, declared: dict[str, str]) -> dict[str, Any]:
+    """The run's arguments: the data version and source from this checkout, then --recipe, then --param."""
+    from pipelines import run_inputs
+
+    repo = run_inputs.repo_root(Path.cwd())
+    data = run_inputs.data_arguments(repo, "data/coco", args.data_rev, args.dvc_remote, cluster=True)
+    data.pop("endpoint")  # pods take the S3 endpoint from the atmask-s3 Secret
+    computed = {**data, **run_inputs.source_arguments(repo)}
+    if args.recipe:
+        computed["recipe"] = args.recipe
+    missing = sorted(set(computed) - set(declared))
+    if missing:
+        raise UserError(
+            f"{args.package}: no parameters {', '.join(missing)}; recompile it (atmask pipeline compile)"
+        )
+    return {**computed, **parse_params(args.param, declared)}
+
+
+def submit_namespace(args: argparse.Namespace, health: dict[str, Any]) -> str | None:
+    from pipelines import run_inputs
+
+    namespace = args.namespace or run_inputs.kube_namespace()
+    if health.get("multi_user") and not namespace:
+        raise UserError(
+            f"--host {args.host}: multi-user Kubeflow Pipelines needs a profile namespace; pass --namespace "
+            "(e.g. atmask-pipelines, the Profile in k8s/profile) or set one in your kube context"
+        )
+    return namespace if health.get("multi_user", True) else None
 
 
 def run_submit(args: argparse.Namespace) -> int:
     declared = declared_parameters(args.package)
-    arguments = parse_params(args.param, declared)
+    arguments = submit_arguments(args, declared)
     token = os.environ.get(args.token_env) or None
-    check_host(args.host, token)
+    health = check_host(args.host, token)
+    namespace = submit_namespace(args, health)
     import kfp
 
     run_name = args.run_name or f"{PIPELINE_NAME}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        client = kfp.Client(host=args.host, existing_token=token, namespace=args.namespace)
+        client = kfp.Client(host=args.host, existing_token=token, namespace=namespace)
         result = client.create_run_from_pipeline_package(
             str(args.package),
             arguments=arguments,
             run_name=run_name,
             experiment_name=args.experiment,
-            namespace=args.namespace,
+            namespace=namespace,
+            service_account=args.service_account,
         )
     except Exception as err:  # kfp_server_api raises ApiException and urllib3 errors; report in one line
-        status = getattr(err, "status", None)
-        detail = f"HTTP {status}: {getattr(err, 'reason', '')}" if status else f"{type(err).__name__}: {err}"
-        raise UserError(f"--host {args.host}: submitting the run failed ({detail.strip()})") from None
+        raise submit_error(args.host, namespace, err) from None
     print(f"submitted run {result.run_id} ({run_name}) in experiment {args.experiment!r}")
+    print(f"data {arguments['data_path']} {arguments['data_md5']} from {arguments['dvc_remote']}")
     print(f"{args.host.rstrip('/')}/#/runs/details/{result.run_id}")
     return 0
+
+
+def submit_error(host: str, namespace: str | None, err: Exception) -> UserError:
+    status = getattr(err, "status", None)
+    body = str(getattr(err, "body", "") or "")
+    detail = f"HTTP {status}: {getattr(err, 'reason', '')}" if status else f"{type(err).__name__}: {err}"
+    if namespace and status in (400, 403, 404) and "namespace" in body.lower():
+        return UserError(
+            f"--namespace {namespace}: Kubeflow Pipelines does not manage it ({detail.strip()}); create the "
+            "Profile (kubectl apply -k k8s/profile) or pass the namespace of a profile you belong to"
+        )
+    return UserError(f"--host {host}: submitting the run failed ({detail.strip()})")
 
 
 # ------------------------------------------------------------------ run-local
 
 
 def local_arguments(
-    params_path: Path, workdir: Path, ablations: list[str], tiny: bool, seeds: list[int] | None = None
+    params_path: Path,
+    workdir: Path,
+    ablations: list[str],
+    tiny: bool,
+    seeds: list[int] | None = None,
+    dvc_remote: str | None = None,
 ) -> dict[str, Any]:
+    """run-local's arguments: the local profile (train.recipe) on one process, the data version of
+    dvc.lock pulled from the DVC remote (S3 or a folder) into workdir/datasets, checkpoints in the workdir."""
+    from components.params import load_params
     from pipelines import pipeline as pl
+    from pipelines import run_inputs
 
     defaults = pl.pipeline_defaults(params_path)
     unknown = [a for a in ablations if a not in defaults["ablations"]]
@@ -216,19 +294,36 @@ def local_arguments(
             f"--ablations: {', '.join(unknown) or '(none)'} not defined in {params_path}; "
             f"choose from {', '.join(defaults['ablations'])}"
         )
+    repo = run_inputs.repo_root(params_path.resolve().parent)
+    data = run_inputs.data_arguments(repo, defaults["data_path"], None, dvc_remote, cluster=False)
+    if data.pop("endpoint") and not os.environ.get("AWS_ENDPOINT_URL"):
+        os.environ["AWS_ENDPOINT_URL"] = remote_endpoint(repo, dvc_remote)  # what the cluster's Secret sets
     return {
+        **data,
+        **run_inputs.source_arguments(repo),
         "ablations": ablations,
         "seeds": seeds or [0],
+        "recipe": load_params(params_path).recipe,  # the local profile
+        "gpus_per_node": 1,
+        "nodes": 1,
         "mlflow_tracking_uri": f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
         "overrides": json.dumps(LOCAL_OVERRIDES if tiny else {}),
+        "data_root": str(workdir / "datasets"),  # stands in for the datasets PVC
         "checkpoint_root": str(workdir / "checkpoints"),  # stands in for the runs PVC
     }
+
+
+def remote_endpoint(repo: Path, name: str | None) -> str:
+    from components.provenance import remote_config
+
+    return (remote_config(repo, name) or {}).get("endpointurl", "")
 
 
 def run_local(args: argparse.Namespace) -> int:
     from kfp import local
 
     from pipelines import pipeline as pl
+    from pipelines import runtime
 
     workdir = args.workdir.resolve()
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
@@ -236,10 +331,11 @@ def run_local(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
         raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    arguments = local_arguments(args.params, workdir, ablations, not args.full_size, seeds)
+    arguments = local_arguments(args.params, workdir, ablations, not args.full_size, seeds, args.dvc_remote)
     root = workdir / "pipeline_root"
     root.mkdir(parents=True, exist_ok=True)
     (workdir / "checkpoints").mkdir(exist_ok=True)
+    os.environ[runtime.RUN_ID_ENV] = f"local-{time.strftime('%Y%m%d-%H%M%S')}"  # a cluster pod's run-id label
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     # no retries here: kfp.local honours the cluster's preemption back-off (minutes) even for a plain bug
     func = pl.build_pipeline(pl.compiled_image() or DEFAULT_IMAGE, args.params, pl.GpuResources(retries=0))

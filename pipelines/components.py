@@ -16,81 +16,95 @@ from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
 def config_op(
     params_json: str,
     overrides: str,
-    data_source: str,
     recipe: str,
     ablations: list,
     seeds: list,
+    gpus_per_node: int,
+    nodes: int,
     params_file: Output[dsl.Artifact],
 ) -> list:
     """params.yaml for this run (the pipeline's copy with its parameters applied, validated once), and
-    the runs to make: one ``{"ablation", "seed"}`` item per pair, the ParallelFor's items."""
+    the runs to make: one ``{"ablation", "seed"}`` item per pair, the ParallelFor's items. Checks that the
+    recipe's global batch splits over ``gpus_per_node`` x ``nodes`` processes before any GPU is reserved."""
     from pathlib import Path
 
     from pipelines import runtime
 
-    keys = {"data.source": data_source, "train.recipe": recipe, "train.seeds": seeds}
-    keys = runtime.pipeline_overrides(overrides, keys)
-    path = runtime.write_params(params_json, keys, Path(params_file.path))
-    return runtime.run_items(path, ablations)
+    with runtime.one_line():
+        seeds = runtime.int_list(seeds, "seeds")
+        keys = runtime.pipeline_overrides(overrides, {"train.recipe": recipe, "train.seeds": seeds})
+        path = runtime.write_params(params_json, keys, Path(params_file.path))
+        return runtime.run_items(path, ablations, gpus_per_node * nodes)
 
 
-def fingerprint_op(params_json: str, overrides: str, data_source: str) -> str:
-    """The source's fingerprint (listings, sizes, ETags; nothing downloaded). Never cached: it is what lets
-    the ingest task's cache notice that the objects behind an unchanged ``s3://`` or URL have changed."""
-    import tempfile
-    from pathlib import Path
-
-    from pipelines import runtime
-
-    keys = runtime.pipeline_overrides(overrides, {"data.source": data_source})
-    with tempfile.TemporaryDirectory() as tmp:
-        return runtime.fingerprint_step(runtime.write_params(params_json, keys, Path(tmp)), data_source)
-
-
-def ingest_op(
-    params_json: str, overrides: str, data_source: str, source_fingerprint: str, data: Output[Dataset]
-) -> None:
-    """Validate and normalise the COCO source into the Dataset artifact.
-
-    Takes only what the data depends on (``source_fingerprint`` included), so a new recipe or registry
-    gate reuses the cached dataset, and changed source objects do not.
-    """
-    import tempfile
-    from pathlib import Path
+def resources_op(gpus_per_node: int, nodes: int) -> NamedTuple(
+    "Resources",
+    gpus=str,
+    cpu_request=str,
+    cpu_limit=str,
+    memory_request=str,
+    memory_limit=str,
+    node_selector=dict,
+):
+    """What the train task beside it requests for ``gpus_per_node`` x ``nodes``: a whole training node (CPU
+    and memory per GPU, /dev/shm sized by the memory), or for several nodes a small launcher pod while the
+    TrainJob's pods get the GPUs. A task of its own because KFP sizes a pod only from task outputs."""
+    from collections import namedtuple
 
     from pipelines import runtime
 
-    keys = runtime.pipeline_overrides(overrides, {"data.source": data_source})
-    with tempfile.TemporaryDirectory() as tmp:
-        params = runtime.write_params(params_json, keys, Path(tmp))
-        manifest = runtime.ingest_step(params, data_source, Path(data.path))
-    data.metadata["checksum"] = manifest.get("checksum", "")
-    data.metadata["source_fingerprint"] = source_fingerprint
-    data.metadata["source"] = data_source
+    with runtime.one_line():
+        res = runtime.train_task_resources(gpus_per_node, nodes)
+    names = ["gpus", "cpu_request", "cpu_limit", "memory_request", "memory_limit", "node_selector"]
+    return namedtuple("Resources", names)(*(res[n] for n in names))
+
+
+def data_op(data_md5: str, dvc_remote: str, data_path: str, data_root: str) -> str:
+    """The DVC data version ``data_md5`` on the shared datasets volume (pulled from ``dvc_remote`` once,
+    reused after that); returns its folder, ``<data_root>/<hash>``, where train and evaluate (which mount
+    the volume read-only and run after this task) find it from the same two parameters. Never cached: it
+    is cheap when the version is there, and it must notice when the volume lost it."""
+    from pipelines import runtime
+
+    with runtime.one_line():
+        return runtime.pull_step(data_md5, dvc_remote, data_root, data_path)
 
 
 def train_op(
     params_file: Input[dsl.Artifact],
-    data: Input[Dataset],
+    data_root: str,
+    data_md5: str,
     ablation: str,
     seed: int,
+    gpus_per_node: int,
+    nodes: int,
+    image: str,
+    train_timeout_s: int,
+    git_commit: str,
+    git_repo: str,
     mlflow_tracking_uri: str,
     checkpoint_root: str,
     model: Output[Model],
 ) -> None:
     """Train one (ablation, seed); the Model artifact is the run folder (model.pt, train_log.json,
-    mlflow_run.json).
+    mlflow_run.json). One node: torchrun over this pod's GPUs. Several: a TrainJob (same command).
 
-    With ``checkpoint_root`` on a volume (the atmask-runs PVC), a retry after preemption resumes.
+    With ``checkpoint_root`` on a volume (the atmask-runs PVC), a retry of this task resumes.
     """
+    import os
     from pathlib import Path
 
     from pipelines import runtime
 
-    runtime.use_tracking_uri(mlflow_tracking_uri)
-    params = Path(params_file.path) / runtime.PARAMS_FILE
-    work = runtime.checkpoint_dir(checkpoint_root, params, ablation, seed, data.metadata.get("checksum", ""))
-    runtime.train_step(params, ablation, seed, Path(data.path), Path(model.path), work)
+    with runtime.one_line():
+        runtime.use_tracking_uri(mlflow_tracking_uri)
+        runtime.use_source(git_commit, git_repo)
+        params = Path(params_file.path) / runtime.PARAMS_FILE
+        run_id = os.environ.get(runtime.RUN_ID_ENV, "")
+        work = runtime.checkpoint_dir(checkpoint_root, run_id, ablation, seed)
+        job = runtime.MultiNode(image, nodes, gpus_per_node, train_timeout_s)
+        data_dir = runtime.data_folder(data_root, data_md5)
+        runtime.train_step(params, ablation, seed, data_dir, Path(model.path), work, job)
     model.metadata["ablation"] = ablation
     model.metadata["seed"] = seed
     model.metadata["framework"] = "pytorch"
@@ -98,7 +112,8 @@ def train_op(
 
 def evaluate_op(
     params_file: Input[dsl.Artifact],
-    data: Input[Dataset],
+    data_root: str,
+    data_md5: str,
     model: Input[Model],
     mlflow_tracking_uri: str,
     evaluated: Output[Model],
@@ -111,7 +126,9 @@ def evaluate_op(
 
     runtime.use_tracking_uri(mlflow_tracking_uri)
     params = Path(params_file.path) / runtime.PARAMS_FILE
-    values = runtime.evaluate_step(params, Path(model.path), Path(data.path), Path(evaluated.path))
+    with runtime.one_line():
+        data_dir = runtime.data_folder(data_root, data_md5)
+        values = runtime.evaluate_step(params, Path(model.path), data_dir, Path(evaluated.path))
     for key, value in sorted(values.items()):
         metrics.log_metric(key.replace("/", "_"), float(value))
     evaluated.metadata["ablation"] = model.metadata.get("ablation", "")
@@ -175,8 +192,8 @@ def register_op(
 
 FUNCTIONS: dict[str, Callable] = {
     "config": config_op,
-    "fingerprint": fingerprint_op,
-    "ingest": ingest_op,
+    "data": data_op,
+    "resources": resources_op,
     "train": train_op,
     "evaluate": evaluate_op,
     "report": report_op,

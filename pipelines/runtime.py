@@ -7,21 +7,88 @@ Every step goes through ``components.cli.main`` so the pipeline, DVC and users s
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from components.errors import UserError
-from components.run_layout import CHECKPOINT_DIR, INFO_FILE, MANIFEST_FILE, METRICS_FILE
+from components.provenance import ENV_COMMIT, ENV_REPO, ENV_SOURCE_TYPE
+from components.run_layout import CHECKPOINT_DIR, INFO_FILE, METRICS_FILE, MODEL_FILE
+from pipelines.launcher import Launcher, api_client
+from pipelines.trainjob import NodeResources, TrainJobRequest, trainjob_manifest
 
 PARAMS_FILE = "params.yaml"
+# Set in the train task from its pod (kubernetes.use_field_path_as_env): the KFP run id that labels every
+# pod of a run (a retried task keeps it, a new run has another), the namespace and the ServiceAccount.
+RUN_ID_ENV, NAMESPACE_ENV, SA_ENV = "ATMASK_PIPELINE_RUN_ID", "ATMASK_NAMESPACE", "ATMASK_SERVICE_ACCOUNT"
+# Per GPU of a training node: CPU for torchrun's ranks and their DataLoader workers, host memory, both as
+# request and limit; /dev/shm is memory-backed and sized to the pod's memory limit, so all scale together.
+PER_GPU = {"cpu_request": 8, "cpu_limit": 16, "memory_request_g": 48, "memory_limit_g": 64}
+LAUNCHER = {"cpu_request": "1", "cpu_limit": "2", "memory_request": "2G", "memory_limit": "4G"}
+
+
+@contextlib.contextmanager
+def one_line() -> Iterator[None]:
+    """A task that fails on a ``UserError`` exits with that one line, not a traceback."""
+    try:
+        yield
+    except UserError as err:
+        raise SystemExit(f"atmask pipeline: error: {err}") from None
+
+
+def node_resources(gpus: int) -> NodeResources:
+    """One training node with ``gpus`` GPUs (the train task itself, or each node of a TrainJob)."""
+    p = PER_GPU
+    return NodeResources(
+        gpus,
+        str(p["cpu_request"] * gpus),
+        str(p["cpu_limit"] * gpus),
+        f"{p['memory_request_g'] * gpus}G",
+        f"{p['memory_limit_g'] * gpus}G",
+    )
+
+
+def train_task_resources(gpus: int, nodes: int) -> dict[str, Any]:
+    """What the pipeline's train task requests: a whole training node for one node; for several, a small
+    launcher pod (no GPU, any node) while the TrainJob's pods get the GPUs."""
+    if gpus < 1 or nodes < 1:
+        raise UserError(f"pipeline parameters gpus_per_node={gpus}, nodes={nodes}: both must be >= 1")
+    if nodes > 1:
+        return {**LAUNCHER, "gpus": "0", "node_selector": {}}
+    res = node_resources(gpus)
+    return {
+        "cpu_request": res.cpu_request,
+        "cpu_limit": res.cpu_limit,
+        "memory_request": res.memory_request,
+        "memory_limit": res.memory_limit,
+        "gpus": str(gpus),
+        "node_selector": {"nvidia.com/gpu.present": "true"},
+    }
+
+
+def use_source(git_commit: str, git_repo: str) -> None:
+    """Provenance for MLflow's source tags: this task has no git checkout, the submit passed them."""
+    os.environ[ENV_SOURCE_TYPE] = "JOB"
+    if git_commit:
+        os.environ[ENV_COMMIT] = git_commit
+    if git_repo:
+        os.environ[ENV_REPO] = git_repo
+
+
+def int_list(values: list, name: str) -> list[int]:
+    """A list parameter of integers as KFP hands it over (JSON numbers: ``0`` may arrive as ``0.0``)."""
+    if not all(isinstance(v, (int, float)) and float(v).is_integer() for v in values):
+        raise UserError(f"pipeline parameter {name}: expected a list of integers, got {values!r}")
+    return [int(v) for v in values]
 
 
 def pipeline_overrides(overrides_json: str, keys: dict[str, Any]) -> dict[str, Any]:
@@ -59,24 +126,30 @@ def call_cli(argv: list[str]) -> None:
     from components.cli import main
 
     rc = main(argv)
-    if rc != 0:
-        raise RuntimeError(f"atmask {' '.join(argv)} exited with status {rc}")
+    if rc != 0:  # the step printed its one-line error: the task ends on it, without a traceback
+        raise SystemExit(rc)
 
 
-def fingerprint_step(params: Path, source: str) -> str:
-    """``atmask ingest --fingerprint``: changes exactly when ingesting ``source`` would give other data."""
-    import contextlib
-    import io
+def pull_step(md5: str, remote: str, root: str, name: str) -> str:
+    """``atmask pull``: the data version on the shared datasets volume; returns its folder."""
+    if not md5 or not remote:
+        raise UserError(
+            "pipeline parameters data_md5 and dvc_remote must be set; 'atmask pipeline submit' reads them "
+            "from dvc.lock and .dvc/config (run 'dvc repro ingest && dvc push' first)"
+        )
+    call_cli(["pull", "--md5", md5, "--remote", remote, "--root", root, "--name", name])
+    return str(data_folder(root, md5, check=False))
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        call_cli(["ingest", "--source", source, "--params", str(params), "--fingerprint"])
-    return printed.getvalue().strip().splitlines()[-1]
 
-
-def ingest_step(params: Path, source: str, out_dir: Path) -> dict[str, Any]:
-    call_cli(["ingest", "--source", source, "--out", str(out_dir), "--params", str(params)])
-    return json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+def data_folder(root: str, md5: str, check: bool = True) -> Path:
+    """Where ``atmask pull`` put the data version ``md5`` under ``root`` (train and evaluate read it)."""
+    folder = Path(root) / md5.removesuffix(".dir")
+    if check and not folder.with_name(folder.name + ".json").is_file():
+        raise UserError(
+            f"{folder}: data version {md5} is not on the datasets volume; the pipeline's data task pulls it "
+            f"first (mount atmask-datasets at {Path(root).parent})"
+        )
+    return folder
 
 
 def gpu_count() -> int:
@@ -88,8 +161,11 @@ def gpu_count() -> int:
         return 0
 
 
-def run_items(params: Path, ablations: list[str]) -> list[dict[str, Any]]:
-    """``[{"ablation": a, "seed": s}, ...]`` for the pipeline's ParallelFor: ablations x train.seeds."""
+def run_items(params: Path, ablations: list[str], processes: int = 1) -> list[dict[str, Any]]:
+    """``[{"ablation": a, "seed": s}, ...]`` for the pipeline's ParallelFor: ablations x train.seeds.
+
+    Checks here, before any GPU is reserved, that the recipe's global batch splits over ``processes``.
+    """
     from components.params import load_params
 
     loaded = load_params(params)
@@ -99,25 +175,98 @@ def run_items(params: Path, ablations: list[str]) -> list[dict[str, Any]]:
             f"pipeline parameter ablations: {', '.join(unknown) or '(none)'} not defined under 'ablations'; "
             f"choose from {', '.join(loaded.ablations)}"
         )
+    batch = loaded.train.batch_size
+    if batch % processes:
+        raise UserError(
+            f"recipes.{loaded.recipe}.batch_size {batch} (the global batch) is not divisible by "
+            f"{processes} processes (nodes x gpus_per_node); change the GPUs or set the batch with overrides"
+        )
     return [{"ablation": a, "seed": s} for a in ablations for s in loaded.seeds]
 
 
+@dataclass(frozen=True)
+class MultiNode:
+    """Training over several nodes: a TrainJob in this task's namespace, running ``image``."""
+
+    image: str
+    nodes: int
+    gpus: int
+    timeout_s: int
+    poll_s: float = 30.0
+
+
 def train_step(
-    params: Path, ablation: str, seed: int, data_dir: Path, out_dir: Path, work_dir: Path | None = None
+    params: Path,
+    ablation: str,
+    seed: int,
+    data_dir: Path,
+    out_dir: Path,
+    work_dir: Path | None = None,
+    multinode: MultiNode | None = None,
 ) -> None:
     """Train into ``work_dir`` (a volume that outlives the pod, so a retried task resumes from its last
-    checkpoint) and copy the run without checkpoints to ``out_dir``; train in ``out_dir`` without one."""
+    checkpoint) and copy the run without checkpoints to ``out_dir``; train in ``out_dir`` without one.
+    With ``multinode`` (nodes > 1) a TrainJob trains into ``work_dir`` instead of this pod."""
     target = work_dir or out_dir
-    _train(params, ablation, seed, data_dir, target)
+    if multinode is not None and multinode.nodes > 1:
+        if work_dir is None:
+            raise UserError(
+                "multi-node training writes to the atmask-runs volume; set checkpoint_root (and mount it)"
+            )
+        _train_multinode(params, ablation, seed, data_dir, work_dir, multinode)
+    else:
+        _train(params, ablation, seed, data_dir, target)
     if work_dir is not None:
         shutil.copytree(work_dir, out_dir, ignore=shutil.ignore_patterns(CHECKPOINT_DIR), dirs_exist_ok=True)
 
 
-def checkpoint_dir(
-    checkpoint_root: str, params: Path, ablation: str, seed: int, data_checksum: str
-) -> Path | None:
-    """Where a training task keeps its run: keyed by its inputs (not the pipeline run id, which would defeat
-    caching), so a retried pod resumes and a rerun with identical inputs finds the finished run."""
+def _train_multinode(
+    params: Path, ablation: str, seed: int, data_dir: Path, work: Path, job: MultiNode
+) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(params, work / PARAMS_FILE)  # the training pods read it from the runs volume
+    env = {
+        k: os.environ[k]
+        for k in (ENV_COMMIT, ENV_REPO, ENV_SOURCE_TYPE, "MLFLOW_TRACKING_URI")
+        if os.environ.get(k)
+    }
+    namespace = os.environ.get(NAMESPACE_ENV) or _pod_namespace()
+    req = TrainJobRequest(
+        pipeline_run=os.environ.get(RUN_ID_ENV, ""),
+        ablation=ablation,
+        seed=seed,
+        image=job.image,
+        namespace=namespace,
+        nodes=job.nodes,
+        resources=node_resources(job.gpus),
+        params=str(work / PARAMS_FILE),
+        data_dir=str(data_dir),
+        out_dir=str(work),
+        timeout_s=job.timeout_s,
+        env=env,
+    )
+    Launcher(api_client(), namespace, os.environ.get(SA_ENV, ""), job.poll_s).run(
+        trainjob_manifest(req), job.timeout_s
+    )
+    if not (work / MODEL_FILE).is_file():
+        raise UserError(
+            f"TrainJob {namespace}/{req.name} completed but left no {work / MODEL_FILE}; see its log above"
+        )
+
+
+def _pod_namespace() -> str:
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    if not path.is_file():
+        raise UserError(
+            f"multi-node training needs the task's namespace: set ${NAMESPACE_ENV} or run in a pod"
+        )
+    return path.read_text(encoding="utf-8").strip()
+
+
+def checkpoint_dir(checkpoint_root: str, run_id: str, ablation: str, seed: int) -> Path | None:
+    """Where a training task keeps its run: ``<root>/<pipeline run>/<ablation>/seed<k>``. A retry of the
+    task (same run id) resumes there; a new pipeline run never sees an old run's checkpoints. The folder
+    is created here (the volume's group is the pod's fsGroup, so the image's user may write it)."""
     if not checkpoint_root:
         return None
     root = Path(checkpoint_root)
@@ -126,8 +275,21 @@ def checkpoint_dir(
             f"atmask pipeline: {root} is not mounted; training without resumable checkpoints", file=sys.stderr
         )
         return None
-    key = hashlib.sha256(params.read_bytes() + f"\0{ablation}\0{seed}\0{data_checksum}".encode()).hexdigest()
-    return root / f"{ablation}-seed{seed}-{key[:16]}"
+    if not run_id:
+        print(
+            f"atmask pipeline: ${RUN_ID_ENV} is not set; training without resumable checkpoints",
+            file=sys.stderr,
+        )
+        return None
+    work = root / run_id / ablation / f"seed{seed}"
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"{work}: cannot create the checkpoint folder as uid {os.getuid()} ({err.strerror}); the pod needs "
+            "fsGroup 10001 on the atmask-runs volume (k8s/base/admission.yaml)"
+        ) from None
+    return work
 
 
 def _train(params: Path, ablation: str, seed: int, data_dir: Path, out_dir: Path) -> None:

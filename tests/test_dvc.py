@@ -65,6 +65,12 @@ def _copy_repo(dest: Path, overrides: dict[str, Any]) -> Path:
     return dest
 
 
+def _head(repo: Path) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True
+    ).stdout.strip()
+
+
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `atmask`, `dvc`
@@ -134,8 +140,14 @@ def test_repro_runs_the_whole_dag_and_leaves_every_output(reproduced: Path) -> N
     assert sorted((r.data.tags["ablation"], r.data.tags["seed"]) for r in runs) == sorted(
         (a, "0") for a in ABLATIONS
     )
+    lock = yaml.safe_load((reproduced / "dvc.lock").read_text())
+    (data_out,) = lock["stages"]["ingest"]["outs"]
     for run in runs:
         assert {"segm_AP", "segm_AP50", "segm_AP75", "bbox_AP", "boundary_AP"} <= set(run.data.metrics)
+        (data,) = run.inputs.dataset_inputs  # the DVC data version, as on the cluster (test_pipeline)
+        assert (data.dataset.name, data.dataset.digest) == ("data/coco", data_out["md5"])
+        assert run.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run.data.tags["mlflow.source.git.commit"].removesuffix("+dirty") == _head(reproduced)
     (study,) = client.search_runs([experiment.experiment_id], "tags.study = 'ablations'")
     assert {f"{a}/segm_AP_mean" for a in ABLATIONS} <= set(study.data.metrics)
 

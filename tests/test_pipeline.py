@@ -1,12 +1,8 @@
-"""The Kubeflow pipeline: compiled YAML (fresh, GPU/secrets/retries), submit errors, kfp.local run."""
+"""The Kubeflow pipeline as compiled: fresh, the DAG, parameter defaults (the cluster profile), resources per
+GPU and node, data by reference and read-only, secrets, caching; the runtime helpers its tasks use."""
 
-import http.server
 import json
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
 
 import pytest
 import yaml
@@ -46,18 +42,16 @@ def test_dag_shape(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     assert spec["pipelineInfo"]["name"] == "atmask-ablation"
     root = spec["root"]["dag"]["tasks"]
-    assert set(root) == {"config-op", "fingerprint-op", "ingest-op", "for-loop-1", "report-op", "register-op"}
-    assert root["ingest-op"]["dependentTasks"] == ["fingerprint-op"]
-    fingerprint = root["ingest-op"]["inputs"]["parameters"]["source_fingerprint"]["taskOutputParameter"]
-    assert fingerprint == {"outputParameterKey": "Output", "producerTask": "fingerprint-op"}
+    assert set(root) == {"config-op", "data-op", "for-loop-1", "report-op", "register-op"}
     # one loop item per (ablation, seed), listed by the config task from ablations x train.seeds
     items = root["for-loop-1"]["parameterIterator"]["items"]["inputParameter"]
     assert items == "pipelinechannel--config-op-Output"
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
-    assert set(loop) == {"train-op", "evaluate-op"}
+    assert set(loop) == {"resources-op", "train-op", "evaluate-op"}
+    assert loop["train-op"]["dependentTasks"] == ["resources-op"]
     assert loop["evaluate-op"]["dependentTasks"] == ["train-op"]
     assert set(root["register-op"]["dependentTasks"]) == {"config-op", "for-loop-1", "report-op"}
-    assert set(root["for-loop-1"]["dependentTasks"]) == {"config-op", "ingest-op"}
+    assert set(root["for-loop-1"]["dependentTasks"]) == {"config-op", "data-op"}
     # report and register receive the collected (fanned-in) evaluated runs as a list of Models
     runs = spec["components"]["comp-report-op"]["inputDefinitions"]["artifacts"]["runs"]
     assert runs == {
@@ -78,52 +72,123 @@ def test_parameter_defaults_come_from_params_yaml(compiled: tuple[dict, dict], r
     assert params == {
         "ablations": list(raw["ablations"]),
         "seeds": raw["train"]["seeds"],
-        "data_source": raw["data"]["source"],
-        "recipe": raw["train"]["recipe"],
+        "recipe": raw["cluster"]["recipe"],  # the cluster profile, never the CPU demo
+        "gpus_per_node": raw["cluster"]["gpus_per_node"],
+        "nodes": raw["cluster"]["nodes"],
+        "data_md5": "",  # submit fills these from dvc.lock, .dvc/config and git
+        "data_path": raw["data"]["out"],
+        "dvc_remote": "",
+        "git_commit": "",
+        "git_repo": "",
         "mlflow_tracking_uri": "",
         "register_candidate": raw["register"]["candidate"],
         "register_min_improvement": raw["register"]["min_improvement"],
         "overrides": "{}",
+        "data_root": "/mnt/atmask-datasets/dvc",
         "checkpoint_root": "/mnt/atmask-runs/checkpoints",
+        "train_timeout_s": 7 * 24 * 3600,
     }
+    assert params["recipe"] != "cpu_demo" and raw["train"]["recipe"] == "cpu_demo"
 
 
 def test_other_params_file_and_image_change_defaults(tmp_path: Path, repo_root: Path) -> None:
     raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["data"]["source"] = "s3://bucket/coco"
-    raw["train"]["recipe"] = "r50_fpn_coco"
+    raw["cluster"]["recipe"] = "r101_fpn_coco"
     raw["mlflow"]["tracking_uri"] = "http://mlflow.atmask:5000"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "p.yaml"
     image = "registry.example.com/atmask@sha256:" + "a" * 64
     argv = ["pipeline", "compile", "--out", str(out), "--params", str(tmp_path / "params.yaml")]
-    assert atmask([*argv, "--image", image, "--gpus", "4"]) == 0
+    assert atmask([*argv, "--image", image, "--gpus", "8"]) == 0
     spec, _ = load_spec(out)
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["data_source"]["defaultValue"] == "s3://bucket/coco"
-    assert params["recipe"]["defaultValue"] == "r50_fpn_coco"
+    assert params["recipe"]["defaultValue"] == "r101_fpn_coco"
+    assert params["gpus_per_node"]["defaultValue"] == 8
     assert params["mlflow_tracking_uri"]["defaultValue"] == "http://mlflow.atmask:5000"
     executors = spec["deploymentSpec"]["executors"]
     assert {e["container"]["image"] for e in executors.values()} == {image}
-    assert executors["exec-train-op"]["container"]["resources"]["accelerator"]["resourceCount"] == "4"
+    train = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]["train-op"]["inputs"]["parameters"]
+    assert train["image"] == {"runtimeValue": {"constant": image}}  # what a TrainJob runs
     assert pl.compiled_image(out) == image
 
 
-def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, dict]) -> None:
+def test_train_resources_follow_the_gpus_and_nodes_parameters(compiled: tuple[dict, dict]) -> None:
+    """gpus_per_node and nodes are run-time parameters: the config task turns them into the train task's
+    requests (CPU, memory scale per GPU; /dev/shm is memory-backed and sized by the memory limit; the
+    DataLoader workers are per process, torchrun starts one process per GPU), or a small launcher pod."""
+    assert runtime.train_task_resources(1, 1) == {
+        "cpu_request": "8", "cpu_limit": "16", "memory_request": "48G", "memory_limit": "64G", "gpus": "1",
+        "node_selector": {"nvidia.com/gpu.present": "true"},
+    }  # fmt: skip
+    four = runtime.train_task_resources(4, 1)
+    assert (four["gpus"], four["cpu_request"], four["cpu_limit"], four["memory_limit"]) == (
+        "4",
+        "32",
+        "64",
+        "256G",
+    )
+    launcher = runtime.train_task_resources(8, 4)  # a TrainJob of 4 nodes x 8 GPUs trains; this pod waits
+    assert (launcher["gpus"], launcher["cpu_limit"], launcher["node_selector"]) == ("0", "2", {})
+    assert runtime.node_resources(8).requirements()["limits"] == {
+        "cpu": "128", "memory": "512G", "ephemeral-storage": "50Gi", "nvidia.com/gpu": "8",
+    }  # fmt: skip
+    with pytest.raises(UserError, match="gpus_per_node=0, nodes=1: both must be >= 1"):
+        runtime.train_task_resources(0, 1)
+    spec, platform = compiled
+    res = spec["deploymentSpec"]["executors"]["exec-train-op"]["container"]["resources"]
+    channel = "{{$.inputs.parameters['pipelinechannel--resources-op-%s']}}"
+    assert res["accelerator"]["resourceCount"] == channel % "gpus"
+    assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == (
+        channel % "cpu_request",
+        channel % "cpu_limit",
+    )
+    assert res["resourceMemoryLimit"] == channel % "memory_limit"
+    selector = platform["exec-train-op"]["nodeSelector"]["nodeSelectorJson"]
+    assert selector == {
+        "taskOutputParameter": {"outputParameterKey": "node_selector", "producerTask": "resources-op"}
+    }
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    for task in ("resources-op", "train-op"):
+        assert loop[task]["inputs"]["parameters"]["nodes"] == {
+            "componentInputParameter": "pipelinechannel--nodes"
+        }
+        gpus = loop[task]["inputs"]["parameters"]["gpus_per_node"]
+        assert gpus == {"componentInputParameter": "pipelinechannel--gpus_per_node"}
+    cpu = loop["train-op"]["inputs"]["parameters"]["pipelinechannel--resources-op-cpu_limit"]
+    assert cpu == {"taskOutputParameter": {"outputParameterKey": "cpu_limit", "producerTask": "resources-op"}}
+
+
+def test_batch_that_does_not_split_over_the_processes_fails_in_config(
+    tmp_path: Path, repo_root: Path
+) -> None:
+    raw = json.dumps(yaml.safe_load((repo_root / "params.yaml").read_text()))
+    path = runtime.write_params(raw, {"train.recipe": "r50_fpn_coco"}, tmp_path)
+    assert len(runtime.run_items(path, ["baseline", "atmask"], 4)) == 2  # batch 12 over 4 GPUs
+    with pytest.raises(
+        UserError, match=r"recipes.r50_fpn_coco.batch_size 12 .* not divisible by 16 processes"
+    ):
+        runtime.run_items(path, ["baseline"], 16)
+
+
+def test_gpu_tasks_placement_shm_labels_and_retry(compiled: tuple[dict, dict]) -> None:
     spec, platform = compiled
     executors = spec["deploymentSpec"]["executors"]
+    res = executors["exec-evaluate-op"]["container"]["resources"]
+    assert (res["accelerator"]["resourceCount"], res["accelerator"]["resourceType"]) == (
+        "1",
+        "nvidia.com/gpu",
+    )
+    assert (res["resourceCpuRequest"], res["resourceMemoryLimit"]) == ("8", "64G")
     for name in GPU_TASKS:
-        res = executors[name]["container"]["resources"]
-        assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
-        assert res["accelerator"]["resourceCount"] == "1"
-        assert (res["resourceCpuRequest"], res["resourceCpuLimit"]) == ("8", "16")
-        assert (res["resourceMemoryRequest"], res["resourceMemoryLimit"]) == ("48G", "64G")
         k8s = platform[name]
-        assert k8s["emptyDirMounts"] == [
-            {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
-        ]
-        assert k8s["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
+        assert k8s["emptyDirMounts"] == [{"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"}]
         assert k8s["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+        assert k8s["podMetadata"]["labels"] == {
+            "atmask.io/pipeline": "atmask-ablation",
+            "atmask.io/datasets": "read-only",  # k8s/base/admission.yaml: the data volume read-only
+            "atmask.io/priority": "gpu",  # and the GPU PriorityClass
+        }
+    assert platform["exec-evaluate-op"]["nodeSelector"] == {"labels": {"nvidia.com/gpu.present": "true"}}
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     for task in ("train-op", "evaluate-op"):
         assert loop[task]["retryPolicy"] == {
@@ -132,27 +197,59 @@ def test_gpu_tasks_request_gpus_shm_tolerations_and_retry(compiled: tuple[dict, 
             "backoffMaxDuration": "3600s",
             "maxRetryCount": 3,
         }
-    for name in (
-        "exec-config-op",
-        "exec-fingerprint-op",
-        "exec-ingest-op",
-        "exec-report-op",
-        "exec-register-op",
-    ):
+    for name in ("exec-config-op", "exec-data-op", "exec-resources-op", "exec-report-op", "exec-register-op"):
         assert "accelerator" not in executors[name]["container"]["resources"]
-    # training keeps its checkpoints on the runs PVC (k8s/base/storage.yaml), so a retry resumes
-    (mount,) = platform["exec-train-op"]["pvcMount"]
-    assert (mount["constant"], mount["mountPath"]) == ("atmask-runs", "/mnt/atmask-runs")
+        assert platform[name]["podMetadata"]["labels"] == {"atmask.io/pipeline": "atmask-ablation"}
+    # the KFP run id names the checkpoint folder: a retry (same run) resumes, a new run starts afresh;
+    # it comes from the pod's label, so it does not enter the cache key (a per-run input would)
+    env = {e["name"]: e["fieldPath"] for e in platform["exec-train-op"]["fieldPathAsEnv"]}
+    assert env["ATMASK_PIPELINE_RUN_ID"] == "metadata.labels['pipeline/runid']"
     train_inputs = loop["train-op"]["inputs"]["parameters"]
-    assert train_inputs["checkpoint_root"] == {"componentInputParameter": "pipelinechannel--checkpoint_root"}
-    assert "PIPELINE_JOB_ID" not in json.dumps(train_inputs)  # a per-run value would defeat caching
+    assert "PIPELINE_JOB_ID" not in json.dumps(train_inputs)
+
+
+def test_data_by_reference_read_only_in_train_and_evaluate(compiled: tuple[dict, dict]) -> None:
+    """The data task alone writes the datasets volume; train and evaluate mount it (made read-only by the
+    admission policy matching their label) and receive a path: no dataset is a KFP artifact."""
+    spec, platform = compiled
+    mounts = {
+        name: [(m["constant"], m["mountPath"]) for m in platform[name].get("pvcMount", [])]
+        for name in platform
+    }
+    assert mounts["exec-data-op"] == [("atmask-datasets", "/mnt/atmask-datasets")]
+    assert mounts["exec-train-op"] == [
+        ("atmask-datasets", "/mnt/atmask-datasets"),
+        ("atmask-runs", "/mnt/atmask-runs"),
+    ]
+    assert mounts["exec-evaluate-op"] == [("atmask-datasets", "/mnt/atmask-datasets")]
+    assert "atmask.io/datasets" not in platform["exec-data-op"]["podMetadata"]["labels"]
+    loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
+    for task in ("train-op", "evaluate-op"):  # <data_root>/<hash>: the folder the data task filled
+        inputs = loop[task]["inputs"]["parameters"]
+        assert inputs["data_md5"] == {"componentInputParameter": "pipelinechannel--data_md5"}
+        assert inputs["data_root"] == {"componentInputParameter": "pipelinechannel--data_root"}
+    train_artifacts = spec["components"]["comp-train-op"]["inputDefinitions"]["artifacts"]
+    assert set(train_artifacts) == {"params_file"}
+    assert set(spec["components"]["comp-evaluate-op"]["inputDefinitions"]["artifacts"]) == {
+        "params_file",
+        "model",
+    }
+    assert "outputDefinitions" not in spec["components"]["comp-data-op"] or not spec["components"][
+        "comp-data-op"
+    ]["outputDefinitions"].get("artifacts")
+    datasets = [
+        (name, key)
+        for name, comp in spec["components"].items()
+        for key, art in comp.get("outputDefinitions", {}).get("artifacts", {}).items()
+        if art["artifactType"]["schemaTitle"] == "system.Dataset"
+    ]
+    assert datasets == [("comp-report-op", "table")]  # the ablation table (CSV), a few KB
 
 
 def test_secrets_are_env_from_secret_refs(compiled: tuple[dict, dict]) -> None:
     _, platform = compiled
     expected = {
-        "exec-fingerprint-op": {"atmask-s3"},
-        "exec-ingest-op": {"atmask-s3"},
+        "exec-data-op": {"atmask-s3"},  # the DVC remote
         "exec-train-op": {"atmask-s3", "atmask-mlflow-client"},
         "exec-evaluate-op": {"atmask-s3", "atmask-mlflow-client"},
         "exec-register-op": {"atmask-s3", "atmask-mlflow-client"},
@@ -170,7 +267,7 @@ def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     executors = spec["deploymentSpec"]["executors"]
     assert set(executors) == {
-        f"exec-{n}-op" for n in ("config", "fingerprint", "ingest", "train", "evaluate", "report", "register")
+        f"exec-{n}-op" for n in ("config", "data", "resources", "train", "evaluate", "report", "register")
     }
     for executor in executors.values():
         command = " ".join(executor["container"]["command"])
@@ -179,36 +276,23 @@ def test_no_runtime_installs_and_one_image(compiled: tuple[dict, dict]) -> None:
     assert len({e["container"]["image"] for e in executors.values()}) == 1
 
 
-def test_caching_off_only_for_register_and_the_source_fingerprint(compiled: tuple[dict, dict]) -> None:
+def test_caching_off_only_for_register_and_the_data_task(compiled: tuple[dict, dict]) -> None:
     spec, _ = compiled
     root = spec["root"]["dag"]["tasks"]
     loop = spec["components"]["comp-for-loop-1"]["dag"]["tasks"]
     assert root["register-op"]["cachingOptions"] == {}
-    assert root["fingerprint-op"]["cachingOptions"] == {}
+    assert root["data-op"]["cachingOptions"] == {}
     for task in (
         root["config-op"],
-        root["ingest-op"],
         root["report-op"],
+        loop["resources-op"],
         loop["train-op"],
         loop["evaluate-op"],
     ):
         assert task["cachingOptions"] == {"enableCache": True}
-    # a cache key sees exactly what a task depends on: the dataset does not depend on the recipe or the
-    # registry gate (changing them reuses the ingested data), the params file does depend on the recipe
-    assert set(root["ingest-op"]["inputs"]["parameters"]) == {
-        "params_json",
-        "overrides",
-        "data_source",
-        "source_fingerprint",
-    }
-    assert set(root["config-op"]["inputs"]["parameters"]) == {
-        "params_json",
-        "overrides",
-        "data_source",
-        "recipe",
-        "ablations",
-        "seeds",
-    }
+    # a train task's cache key holds the data version (its folder is named by the DVC hash), the image,
+    # the recipe and the resources, and not the pipeline run
+    assert set(loop["train-op"]["inputs"]["parameters"]) >= {"data_md5", "image", "gpus_per_node", "nodes"}
     register_inputs = set(root["register-op"]["inputs"]["parameters"])
     assert {"register_candidate", "register_min_improvement", "mlflow_tracking_uri"} <= register_inputs
 
@@ -239,24 +323,21 @@ def test_write_params_applies_overrides_and_validates(tmp_path: Path, repo_root:
         runtime.pipeline_overrides("{nope", {})
 
 
-def test_checkpoint_dir_is_keyed_by_inputs(tmp_path: Path) -> None:
-    params = tmp_path / "params.yaml"
-    params.write_text("a: 1\n")
+def test_checkpoint_dir_is_per_pipeline_run_ablation_and_seed(tmp_path: Path) -> None:
     root = tmp_path / "ckpt"
-    assert runtime.checkpoint_dir("", params, "atmask", 0, "c1") is None
-    assert runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1") is None  # volume not mounted
+    assert runtime.checkpoint_dir("", "run-1", "atmask", 0) is None
+    assert runtime.checkpoint_dir(str(root), "run-1", "atmask", 0) is None  # volume not mounted
     root.mkdir()
-    first = runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1")
-    assert first == runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1")
-    assert first.parent == root and first.name.startswith("atmask-seed0-")
+    assert runtime.checkpoint_dir(str(root), "", "atmask", 0) is None  # no run id: no resume
+    first = runtime.checkpoint_dir(str(root), "run-1", "atmask", 0)
+    assert first == root / "run-1" / "atmask" / "seed0" and first.is_dir()  # created by the task
+    assert runtime.checkpoint_dir(str(root), "run-1", "atmask", 0) == first  # the retried task resumes
     others = {
-        runtime.checkpoint_dir(str(root), params, "baseline", 0, "c1"),
-        runtime.checkpoint_dir(str(root), params, "atmask", 1, "c1"),
-        runtime.checkpoint_dir(str(root), params, "atmask", 0, "c2"),
+        runtime.checkpoint_dir(str(root), "run-2", "atmask", 0),  # a new pipeline run never resumes
+        runtime.checkpoint_dir(str(root), "run-1", "baseline", 0),
+        runtime.checkpoint_dir(str(root), "run-1", "atmask", 1),
     }
-    params.write_text("a: 2\n")
-    others.add(runtime.checkpoint_dir(str(root), params, "atmask", 0, "c1"))
-    assert len(others) == 4 and first not in others
+    assert len(others) == 3 and first not in others
 
 
 def test_train_step_with_work_dir_resumes_there_and_copies_the_run(
@@ -296,179 +377,3 @@ def test_parse_params_checks_names_and_types() -> None:
         parse_params(["register_min_improvement=high"], declared)
     with pytest.raises(UserError, match="expected KEY=VALUE"):
         parse_params(["ablations"], declared)
-
-
-# ------------------------------------------------------------------ submit
-
-
-class _Refuse(http.server.BaseHTTPRequestHandler):
-    seen: ClassVar[list[str | None]] = []
-
-    def do_GET(self) -> None:
-        _Refuse.seen.append(self.headers.get("Authorization"))
-        self.send_response(401)
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def refusing_host() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refuse)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-class _FakeKfp(http.server.BaseHTTPRequestHandler):
-    """The few KFP v2beta1 endpoints kfp.Client uses to start a run; records what it receives."""
-
-    requests: ClassVar[list[tuple[str, str, str | None, dict]]] = []
-
-    def _reply(self, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self) -> None:
-        _FakeKfp.requests.append(("GET", self.path, self.headers.get("Authorization"), {}))
-        self._reply({"multi_user": False} if "healthz" in self.path else {})
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _FakeKfp.requests.append(("POST", self.path, self.headers.get("Authorization"), body))
-        ids = {
-            "/apis/v2beta1/experiments": {"experiment_id": "exp-1"},
-            "/apis/v2beta1/runs": {"run_id": "run-1"},
-        }
-        self._reply({**ids[self.path], "display_name": body["display_name"]})
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def fake_kfp() -> Iterator[str]:
-    _FakeKfp.requests.clear()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeKfp)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-
-
-def test_submit_starts_a_run_with_the_compiled_spec(
-    fake_kfp: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("KF_PIPELINES_TOKEN", "tok-123")
-    argv = ["pipeline", "submit", "--host", fake_kfp, "--experiment", "ablations-x", "--run-name", "r"]
-    argv += ["--param", "ablations=baseline,atmask", "--param", "register_min_improvement=0.01"]
-    assert atmask(argv) == 0
-    out = capsys.readouterr().out
-    assert "submitted run run-1 (r) in experiment 'ablations-x'" in out
-    posts = {path: body for method, path, _, body in _FakeKfp.requests if method == "POST"}
-    assert posts["/apis/v2beta1/experiments"]["display_name"] == "ablations-x"
-    run = posts["/apis/v2beta1/runs"]
-    assert (run["experiment_id"], run["display_name"]) == ("exp-1", "r")
-    assert run["runtime_config"]["parameters"] == {
-        "ablations": ["baseline", "atmask"],
-        "register_min_improvement": 0.01,
-    }
-    spec, platform = yaml.safe_load_all(COMPILED.read_text())
-    assert run["pipeline_spec"] == {
-        "pipeline_spec": spec,
-        "platform_spec": platform,
-    }  # GPU/secrets config too
-    assert {auth for _, _, auth, _ in _FakeKfp.requests} == {"Bearer tok-123"}
-
-
-def test_submit_unreachable_host_fails_fast(capsys: pytest.CaptureFixture[str]) -> None:
-    start = time.monotonic()
-    assert atmask(["pipeline", "submit", "--host", "http://127.0.0.1:9"]) == 1
-    assert time.monotonic() - start < 5
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0
-    assert err.startswith(
-        "atmask pipeline: error: --host http://127.0.0.1:9: cannot reach the Kubeflow Pipelines API"
-    )
-
-
-def test_submit_refused_token(
-    refusing_host: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("KF_PIPELINES_TOKEN", "not-a-valid-token")
-    assert atmask(["pipeline", "submit", "--host", refusing_host]) == 1
-    err = capsys.readouterr().err.strip()
-    assert err == (
-        f"atmask pipeline: error: --host {refusing_host}: token refused (HTTP 401); set a valid bearer "
-        "token in $KF_PIPELINES_TOKEN (or the variable named by --token-env)"
-    )
-    assert _Refuse.seen[-1] == "Bearer not-a-valid-token"
-
-
-def test_submit_bad_param_fails_before_contacting_host(capsys: pytest.CaptureFixture[str]) -> None:
-    assert atmask(["pipeline", "submit", "--host", "http://127.0.0.1:9", "--param", "epochs=3"]) == 1
-    assert "--param epochs: not a pipeline parameter" in capsys.readouterr().err
-
-
-# ------------------------------------------------------------------ kfp.local
-
-
-@pytest.mark.slow
-def test_run_local_executes_whole_dag(
-    tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(tmp_path)
-    work = tmp_path / "work"
-    assert (
-        atmask(["pipeline", "run-local", "--workdir", str(work), "--params", str(repo_root / "params.yaml")])
-        == 0
-    )
-    for ablation in ("baseline", "atmask"):
-        metrics = json.loads((work / "runs" / ablation / "seed0" / "metrics.json").read_text())
-        for key in ("segm/AP", "bbox/AP", "boundary/AP", "threshold_sweep/0.5/segm_AP"):
-            assert 0.0 <= metrics[key] <= 1.0 or metrics[key] == -1.0
-        assert (work / "runs" / ablation / "seed0" / "model.pt").is_file()
-    atmask_metrics = json.loads((work / "runs/atmask/seed0/metrics.json").read_text())
-    assert "threshold_sweep/adaptive/segm_AP" in atmask_metrics
-    table = (work / "reports" / "ablations.md").read_text()
-    assert "| baseline |" in table and "| atmask |" in table
-    decision = json.loads((work / "reports" / "registry.json").read_text())
-    assert decision["version"] in (1, "1")
-    assert decision["decision"] in ("champion", "challenger")
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
-    versions = client.search_model_versions("name = 'atmask-rcnn'")
-    assert [str(v.version) for v in versions] == ["1"]
-    assert str(client.get_model_version_by_alias("atmask-rcnn", decision["decision"]).version) == "1"
-    trained = sorted(p.name.split("-")[0] for p in (work / "checkpoints").iterdir())
-    assert trained == ["atmask", "baseline"]  # training ran in the resumable checkpoint folders
-    summary = json.loads((work / "summary.json").read_text())
-    assert set(summary["runs"]) == {"baseline", "atmask"}
-
-
-def test_run_local_failure_is_one_line_without_retries(
-    tmp_path: Path, repo_root: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
-    raw["data"]["source"] = str(tmp_path / "no-such-dataset")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    start = time.monotonic()
-    argv = [
-        "pipeline",
-        "run-local",
-        "--workdir",
-        str(tmp_path / "work"),
-        "--params",
-        str(tmp_path / "params.yaml"),
-    ]
-    assert atmask(argv) == 1
-    assert time.monotonic() - start < 60  # the cluster's retry back-off (minutes) is not used locally
-    last = capsys.readouterr().err.strip().splitlines()[-1].strip()
-    assert last.startswith("atmask pipeline: error: local pipeline run failed (Pipeline 'atmask-ablation'")
-    assert "'fingerprint-op'" in last and "\x1b" not in last  # the first task that reads the source
-    assert not (tmp_path / "work" / "runs").exists() and not (tmp_path / "work" / "summary.json").exists()
