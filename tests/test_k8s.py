@@ -255,7 +255,9 @@ def test_workloads_are_locked_down(rendered: dict[str, list[dict[str, Any]]]) ->
     workloads = [d for docs in rendered.values() for d in docs if pod_specs(d)]
     assert {d["kind"] for d in workloads} == {"Deployment", "PyTorchJob"}
     assert sum(len(containers_anywhere(d)) for docs in rendered.values() for d in docs) == sum(
-        len(spec["containers"]) for d in workloads for spec in pod_specs(d)
+        len(spec["containers"]) + len(spec.get("initContainers", []))
+        for d in workloads
+        for spec in pod_specs(d)
     ), "a workload kind that pod_specs does not know"
     for docs in rendered.values():
         for doc in (d for d in docs if pod_specs(d)):
@@ -264,7 +266,7 @@ def test_workloads_are_locked_down(rendered: dict[str, list[dict[str, Any]]]) ->
                 pod_sc = spec["securityContext"]
                 assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] >= 10000
                 assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
-                for c in spec["containers"]:
+                for c in spec.get("initContainers", []) + spec["containers"]:
                     sc = c["securityContext"]
                     assert sc["allowPrivilegeEscalation"] is False
                     assert sc["readOnlyRootFilesystem"] is True
@@ -273,7 +275,7 @@ def test_workloads_are_locked_down(rendered: dict[str, list[dict[str, Any]]]) ->
                         assert {"cpu", "memory"} <= set(c["resources"][kind])
                     repo, _, digest = c["image"].partition("@sha256:")
                     assert len(digest) == 64 and ":" not in repo.rsplit("/", 1)[-1], c["image"]
-                    if doc["kind"] == "Deployment":
+                    if doc["kind"] == "Deployment" and c in spec["containers"]:
                         assert c["livenessProbe"]["httpGet"]["path"] == "/health"
                         assert c["readinessProbe"]["httpGet"]["path"] == "/health"
                     env = {e["name"]: e for e in c.get("env", [])}
