@@ -5,7 +5,8 @@
   from --token-env (default ``KF_PIPELINES_TOKEN``); an unreachable host or a refused token fails within
   a few seconds with one line.
 - ``run-local`` runs the same pipeline with ``kfp.local`` on this machine on tiny synthetic data and
-  collects metrics per ablation, the report and the registry decision under --workdir.
+  collects metrics per ablation, the report and the registry decision under --workdir; ``--runner docker``
+  runs every component in the project image instead (:mod:`pipelines.local_docker`).
 """
 
 import argparse
@@ -76,6 +77,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loc.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     loc.add_argument("--ablations", default=",".join(LOCAL_ABLATIONS), help="comma-separated ablations")
     loc.add_argument("--full-size", action="store_true", help="use params.yaml sizes instead of tiny ones")
+    loc.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: this interpreter (default); docker: every component in --image, as Kubernetes runs it",
+    )
+    loc.add_argument("--image", help="local image for --runner docker (default: the compiled pipeline's)")
+    loc.add_argument(
+        "--mlflow-tracking-uri",
+        help="tracking server (default: sqlite under --workdir; --runner docker needs an http(s):// server)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,7 +215,9 @@ def run_submit(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ run-local
 
 
-def local_arguments(params_path: Path, workdir: Path, ablations: list[str], tiny: bool) -> dict[str, Any]:
+def local_arguments(
+    params_path: Path, workdir: Path, ablations: list[str], tiny: bool, tracking_uri: str | None = None
+) -> dict[str, Any]:
     from pipelines import pipeline as pl
 
     defaults = pl.pipeline_defaults(params_path)
@@ -215,7 +229,7 @@ def local_arguments(params_path: Path, workdir: Path, ablations: list[str], tiny
         )
     return {
         "ablations": ablations,
-        "mlflow_tracking_uri": f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+        "mlflow_tracking_uri": tracking_uri or f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
         "overrides": json.dumps(LOCAL_OVERRIDES if tiny else {}),
         "checkpoint_root": str(workdir / "checkpoints"),  # stands in for the runs PVC
     }
@@ -228,13 +242,20 @@ def run_local(args: argparse.Namespace) -> int:
 
     workdir = args.workdir.resolve()
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
-    arguments = local_arguments(args.params, workdir, ablations, not args.full_size)
+    arguments = local_arguments(args.params, workdir, ablations, not args.full_size, args.mlflow_tracking_uri)
     root = workdir / "pipeline_root"
+    image = args.image or pl.compiled_image() or pl.DEFAULT_IMAGE
+    if args.runner == "docker":  # checks its inputs first, then makes the folders
+        from pipelines.local_docker import docker_runner
+
+        runner = docker_runner(image, arguments["mlflow_tracking_uri"], [root, workdir / "checkpoints"])
+    else:
+        runner = local.SubprocessRunner(use_venv=False)
     root.mkdir(parents=True, exist_ok=True)
     (workdir / "checkpoints").mkdir(exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     # no retries here: kfp.local honours the cluster's preemption back-off (minutes) even for a plain bug
-    func = pl.build_pipeline(pl.compiled_image() or pl.DEFAULT_IMAGE, args.params, pl.GpuResources(retries=0))
+    func = pl.build_pipeline(image, args.params, pl.GpuResources(retries=0))
     before = set(root.iterdir())
     try:
         func(**arguments)
