@@ -93,9 +93,11 @@ RUN --mount=type=bind,from=wheel,source=/dist,target=/dist \
 LABEL org.opencontainers.image.title="atmask" \
       org.opencontainers.image.description="ATMask R-CNN: train, evaluate, register (CLI: atmask)" \
       org.opencontainers.image.licenses="Apache-2.0"
+# no git in the image: MLflow's GitPython probe stays quiet (runs record the commit as "unknown")
 ENV HOME=/home/atmask \
     MPLCONFIGDIR=/tmp/matplotlib \
-    NUMBA_CACHE_DIR=/tmp/numba
+    NUMBA_CACHE_DIR=/tmp/numba \
+    GIT_PYTHON_REFRESH=quiet
 WORKDIR /home/atmask
 USER 10001:10001
 # Batch jobs and the MLflow server are probed by Kubernetes (k8s/), not by the Docker engine.
