@@ -18,23 +18,25 @@ impossible() { echo "docker set-up impossible here: $*"; exit 77; }
 
 answers() { [ -x "$DOCKER" ] && timeout 20 "$DOCKER" info >/dev/null 2>&1; }
 
-as_root() {
-  if [ "$(id -u)" -eq 0 ]; then "$@"
-  elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo "$@"
-  else impossible "'$*' needs root (run as root or with password-less sudo)"
-  fi
-}
+can_root() { [ "$(id -u)" -eq 0 ] || { command -v sudo >/dev/null && sudo -n true 2>/dev/null; }; }
+need_root() { can_root || impossible "$* needs root (run as root or with password-less sudo)"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 engine() {
   if answers; then echo "docker: engine answers"; return; fi
   if ! [ -x /usr/sbin/dockerd ] || ! [ -x "$DOCKER" ]; then
     command -v apt-get >/dev/null || impossible "no Docker engine and no apt-get to install Debian's docker.io"
+    need_root "installing Debian's docker.io"
     echo "docker: installing Debian's docker.io"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null \
       || { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null; } \
       || impossible "apt-get install docker.io failed"
   fi
+  if [ -S /var/run/docker.sock ] && ! [ -w /var/run/docker.sock ] && ! can_root; then
+    impossible "the Docker engine's socket /var/run/docker.sock is not this user's: add $(id -un) to group docker"
+  fi
   if ! [ -S /var/run/docker.sock ] || ! answers; then
+    need_root "starting dockerd"
     echo "docker: starting dockerd (log: $DOCKERD_LOG)"
     as_root sh -c "nohup /usr/sbin/dockerd >'$DOCKERD_LOG' 2>&1 &"
   fi
@@ -50,12 +52,14 @@ base() {
   if "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then echo "docker: $BASE_IMAGE present"; return; fi
   if ! command -v debootstrap >/dev/null; then
     command -v apt-get >/dev/null || impossible "debootstrap is missing and there is no apt-get to install it"
+    need_root "installing debootstrap"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null \
       || { as_root apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
   fi
   BASE_ROOT="$(mktemp -d /tmp/atmask-base.XXXXXX)"
   trap 'as_root rm -rf "$BASE_ROOT"' EXIT
   local root="$BASE_ROOT"
+  need_root "debootstrap"
   echo "docker: debootstrap bookworm into $root (about a minute)"
   as_root debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
     bookworm "$root" "$DEBIAN_MIRROR" >"$root.log" 2>&1 \
