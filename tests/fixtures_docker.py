@@ -48,6 +48,12 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "container: builds the images and runs them in a real Docker engine")
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    if BUILD_SECONDS:
+        built = ", ".join(f"{IMAGES[t]} {s:.0f} s" for t, s in BUILD_SECONDS.items())
+        terminalreporter.write_line(f"container images built (atmask image build): {built}")
+
+
 def docker(*args: str, check: bool = True, timeout: float = 600, **kw) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [DOCKER, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw
@@ -104,12 +110,16 @@ def build_image(target: str, log: Path, extra: list[str] | None = None) -> subpr
 
 def _image(target: str, base_image: str, tmp: Path) -> str:
     log = tmp / f"build-{target}.log"
+    before = docker("image", "inspect", "-f", "{{.Id}}", IMAGES[target], check=False).stdout.strip()
     start = time.monotonic()
     proc = build_image(target, log)
     BUILD_SECONDS[target] = time.monotonic() - start
     if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-40:])
         raise RuntimeError(f"atmask image build --target {target} failed: {proc.stderr.strip()}\n{tail}")
+    after = docker("image", "inspect", "-f", "{{.Id}}", IMAGES[target]).stdout.strip()
+    if before and before != after:  # the previous build, now untagged: gigabytes per session otherwise
+        docker("rmi", before, check=False)
     return IMAGES[target]
 
 
