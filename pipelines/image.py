@@ -130,7 +130,9 @@ def build_options(args: argparse.Namespace, client: Any) -> list[str]:
         ensure_base_image(client, dockerfile_default("BASE_IMAGE"))
     if args.torch_index_url:
         if not re.match(r"^(https?|file)://\S+$", args.torch_index_url):
-            raise UserError(f"--torch-index-url {args.torch_index_url!r}: expected an http(s):// index URL")
+            raise UserError(
+                f"--torch-index-url {args.torch_index_url!r}: expected an http(s):// or file:// index URL"
+            )
         options += ["--build-arg", f"TORCH_INDEX_URL={args.torch_index_url}"]
     if args.ca_file:
         options += ["--secret", f"id=ca,src={check_ca_file(args.ca_file)}"]
@@ -184,7 +186,7 @@ def fill_wheelhouse(source: Path, dest: Path) -> None:
     """Make ``dest`` (inside the build context) hold exactly ``source``'s wheels: hard links, else copies."""
     wheels = sorted(source.glob("*.whl")) if source.is_dir() else []
     if not wheels:
-        raise UserError(f"--wheelhouse {source}: no *.whl files there (fill it with 'pip download -d')")
+        raise UserError(f"--wheelhouse {source}: no *.whl files there (fill it with 'pip wheel --wheel-dir')")
     if source.resolve() == dest.resolve():
         return
     tmp = dest.with_name(dest.name + ".tmp")
