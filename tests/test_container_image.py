@@ -21,6 +21,8 @@ import yaml
 from fixtures_docker import DOCKER, RESTRICTED, build_image, docker, pod_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+# a cold image build (about 5 min here, more on a busy machine) runs in the first test's set-up
+pytestmark = pytest.mark.timeout(2400)
 # the mlflow target's packages that constraints.txt does not pin (the Dockerfile does)
 MLFLOW_EXTRA_PINS = {"psycopg": "3.3.9", "psycopg-binary": "3.3.9", "flask-wtf": "1.3.0", "wtforms": "3.3.2"}
 
