@@ -148,16 +148,24 @@ def test_mlflow_image_without_its_database_stays_unready_naming_the_host(mlflow_
     assert secret not in done.stdout + done.stderr
 
 
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """run-local's --workdir: the pod user's, as the runs PVC would be; removed afterwards."""
+    path = pod_dir("atmask-kfp-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)  # as root, or the caller's own files (tasks run as the caller)
+
+
 def test_pipeline_in_containers_logs_and_registers_on_the_deployed_server(
     atmask_image: str,
     deployed_mlflow: Server,
+    workdir: Path,
     postgres,
     s3_server: str,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     server = deployed_mlflow
-    workdir = Path(pod_dir("atmask-kfp-"))
     creds = {"MLFLOW_TRACKING_USERNAME": server.username, "MLFLOW_TRACKING_PASSWORD": server.password}
     cmd = [sys.executable, "-m", "components.cli", "pipeline", "run-local", "--runner", "docker"]
     cmd += ["--image", atmask_image, "--workdir", str(workdir), "--mlflow-tracking-uri", server.url]
@@ -188,11 +196,7 @@ def test_pipeline_in_containers_logs_and_registers_on_the_deployed_server(
 
     for key, value in {"MLFLOW_TRACKING_URI": server.url, **creds}.items():
         monkeypatch.setenv(key, value)
-    try:
-        _check_registry(server, postgres, s3_server, workdir)
-    finally:
-        if os.geteuid() == 0:
-            shutil.rmtree(workdir, ignore_errors=True)
+    _check_registry(server, postgres, s3_server, workdir)
 
 
 def _check_registry(server: Server, postgres, s3_server: str, workdir: Path) -> None:
