@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROJECT := $(VENV)/.project
 SOURCES := $(shell git ls-files model components pipelines 2>/dev/null)
 
-.PHONY: demo test lint format tools lock clean-venv
+.PHONY: demo test lint format tools lock clean-venv image
 
 # The dependencies, pinned by constraints.txt (slow: only when the pins change).
 $(STAMP): pyproject.toml constraints.txt
@@ -36,6 +36,24 @@ tools: $(STAMP)
 
 test: $(PROJECT) tools
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pytest
+
+# Both images built here (README "Container image"): starts a Docker engine if none answers, makes the local
+# Debian base when missing, then `atmask image build` for the atmask and mlflow targets, tagged atmask:dev and
+# atmask-mlflow:dev. Override e.g. BASE_IMAGE= (the Dockerfile's default), TORCH_INDEX_URL=, CA_FILE=,
+# WHEELHOUSE=dir (offline). The compiled pipeline is left as it is.
+BASE_IMAGE ?= atmask-base:bookworm
+TORCH_INDEX_URL ?= https://pypi.org/simple
+CA_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
+WHEELHOUSE ?=
+IMAGE_TAG ?= dev
+IMAGE_OPTIONS = --tag $(IMAGE_TAG) --no-compile $(if $(BASE_IMAGE),--base-image $(BASE_IMAGE)) \
+	$(if $(CA_FILE),--ca-file $(CA_FILE)) $(if $(WHEELHOUSE),--wheelhouse $(WHEELHOUSE))
+image: $(STAMP)
+	bash .ci/docker.sh engine
+	$(if $(filter atmask-base:bookworm,$(BASE_IMAGE)),BASE_IMAGE=$(BASE_IMAGE) bash .ci/docker.sh base)
+	$(BIN)/atmask image build --target mlflow --repository atmask-mlflow $(IMAGE_OPTIONS)
+	$(BIN)/atmask image build --target atmask --repository atmask $(IMAGE_OPTIONS) \
+		$(if $(TORCH_INDEX_URL),--torch-index-url $(TORCH_INDEX_URL))
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -8,7 +8,8 @@
   within a few seconds with one line.
 - ``run-local`` runs the same pipeline with ``kfp.local`` on this machine (the local profile's recipe at
   tiny sizes) on the DVC data version of dvc.lock, pulled from the DVC remote, and collects metrics per
-  ablation, the report and the registry decision under --workdir.
+  ablation, the report and the registry decision under --workdir; ``--runner docker`` runs every component
+  in the project image instead (:mod:`pipelines.local_docker`).
 """
 
 import argparse
@@ -97,6 +98,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     loc.add_argument("--full-size", action="store_true", help="use params.yaml sizes instead of tiny ones")
     loc.add_argument(
         "--dvc-remote", help="DVC remote to pull from (default: the repository's default remote)"
+    )
+    loc.add_argument(
+        "--runner",
+        choices=("subprocess", "docker"),
+        default="subprocess",
+        help="subprocess: this interpreter (default); docker: every component in --image, as Kubernetes runs it",
+    )
+    loc.add_argument("--image", help="local image for --runner docker (default: the compiled pipeline's)")
+    loc.add_argument(
+        "--mlflow-tracking-uri",
+        help="tracking server (default: sqlite under --workdir; --runner docker needs an http(s):// server)",
     )
 
 
@@ -280,6 +292,7 @@ def local_arguments(
     tiny: bool,
     seeds: list[int] | None = None,
     dvc_remote: str | None = None,
+    tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """run-local's arguments: the local profile (train.recipe) on one process, the data version of
     dvc.lock pulled from the DVC remote (S3 or a folder) into workdir/datasets, checkpoints in the workdir."""
@@ -306,7 +319,7 @@ def local_arguments(
         "recipe": load_params(params_path).recipe,  # the local profile
         "gpus_per_node": 1,
         "nodes": 1,
-        "mlflow_tracking_uri": f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+        "mlflow_tracking_uri": tracking_uri or f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
         "overrides": json.dumps(LOCAL_OVERRIDES if tiny else {}),
         "data_root": str(workdir / "datasets"),  # stands in for the datasets PVC
         "checkpoint_root": str(workdir / "checkpoints"),  # stands in for the runs PVC
@@ -327,18 +340,23 @@ def run_local(args: argparse.Namespace) -> int:
 
     workdir = args.workdir.resolve()
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    arguments = local_arguments(args.params, workdir, ablations, not args.full_size, seeds, args.dvc_remote)
+    arguments = local_arguments(
+        args.params,
+        workdir,
+        ablations,
+        not args.full_size,
+        parse_seeds(args.seeds),
+        args.dvc_remote,
+        args.mlflow_tracking_uri,
+    )
     root = workdir / "pipeline_root"
-    root.mkdir(parents=True, exist_ok=True)
-    (workdir / "checkpoints").mkdir(exist_ok=True)
+    image = args.image or pl.compiled_image() or DEFAULT_IMAGE
     os.environ[runtime.RUN_ID_ENV] = f"local-{time.strftime('%Y%m%d-%H%M%S')}"  # a cluster pod's run-id label
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    runner = local_runner(args.runner, image, arguments, workdir)
+    local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)
     # no retries here: kfp.local honours the cluster's preemption back-off (minutes) even for a plain bug
-    func = pl.build_pipeline(pl.compiled_image() or DEFAULT_IMAGE, args.params, pl.GpuResources(retries=0))
+    func = pl.build_pipeline(image, args.params, pl.GpuResources(retries=0))
+    root.mkdir(parents=True, exist_ok=True)
     before = set(root.iterdir())
     try:
         func(**arguments)
@@ -351,6 +369,30 @@ def run_local(args: argparse.Namespace) -> int:
     summary = collect_outputs(created[-1], workdir)
     print(json.dumps(summary, indent=1))
     return 0
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+
+
+def local_runner(kind: str, image: str, arguments: dict[str, Any], workdir: Path) -> Any:
+    """kfp.local's runner: this interpreter, or the image with the folders the pods would mount (the
+    pipeline root, the datasets and runs PVCs' stand-ins) and a folder DVC remote read-only."""
+    from kfp import local
+
+    folders = [workdir / "pipeline_root", Path(arguments["data_root"]), Path(arguments["checkpoint_root"])]
+    if kind != "docker":
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+        return local.SubprocessRunner(use_venv=False)
+    from pipelines.local_docker import docker_runner
+
+    remote = arguments["dvc_remote"]
+    read_only = [] if "://" in remote else [Path(remote)]
+    return docker_runner(image, arguments["mlflow_tracking_uri"], folders, read_only)
 
 
 def collect_outputs(run_root: Path, workdir: Path) -> dict[str, Any]:

@@ -1,21 +1,34 @@
-"""``atmask image build|push``: the project image with the Docker SDK, tagged with the git commit.
+"""``atmask image build|push``: the project's images, built with BuildKit and tagged with the git commit.
 
-``build`` builds the Dockerfile at the repository root as ``REPOSITORY:<commit>`` and recompiles the
-pipeline to run in that tag; ``push`` pushes it and recompiles the pipeline with the pushed digest
-(``REPOSITORY@sha256:...``), so the committed pipeline names an immutable image.
+Two targets of the one Dockerfile: ``atmask`` (every pipeline step) and ``mlflow`` (the tracking server of
+k8s/base/mlflow.yaml). ``build`` runs the ``docker`` CLI with BuildKit (``RUN --mount`` cache, secret and
+wheelhouse mounts need it; the Docker SDK only drives the classic builder): a client with the buildx plugin
+(``docker buildx build --load``), or a 20.10 client such as Debian's docker.io with ``DOCKER_BUILDKIT=1``.
+For ``atmask`` it then recompiles the pipeline to run in the new tag; ``push`` pushes with the Docker SDK and
+pins the pushed digest (``REPOSITORY@sha256:...``) in the compiled pipeline and the k8s overlays.
 """
 
 import argparse
+import os
 import re
+import shutil
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from components.errors import UserError
 from components.io import write_text_atomic
 from pipelines.names import COMPILED, DEFAULT_REPOSITORY
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"atmask": DEFAULT_REPOSITORY, "mlflow": "ghcr.io/atmask-rcnn/atmask-mlflow"}
+WHEELHOUSE = REPO_ROOT / "wheelhouse"  # the build context's optional offline wheels (git-ignored)
+CLI_ENV = "ATMASK_DOCKER_CLI"  # a docker client to use instead of the first suitable one
+SYSTEM_DOCKER = "/usr/bin/docker"  # Debian's docker.io client (20.10: BuildKit without buildx)
 # a Docker repository reference: [host[:port]/]path (lower case), no tag or digest
 _REPOSITORY = re.compile(
     r"^([a-z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+([._-][a-z0-9]+)*(/[a-z0-9]+([._-][a-z0-9]+)*)*$"
@@ -24,35 +37,50 @@ _REPOSITORY = re.compile(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="{build,push}")
-    for name, text in (("build", "build the image, tag it with the git commit"), ("push", "push it")):
+    for name, text in (("build", "build an image, tag it with the git commit"), ("push", "push it")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--repository", default=DEFAULT_REPOSITORY, help=f"default: {DEFAULT_REPOSITORY}")
+        p.add_argument("--target", choices=sorted(TARGETS), default="atmask", help="image (default atmask)")
+        p.add_argument("--repository", help=f"default: {TARGETS['atmask']} / {TARGETS['mlflow']}")
         p.add_argument("--tag", help="image tag (default: the git commit, '-dirty' if the tree has changes)")
         p.add_argument(
             "--pipeline", type=Path, help="compiled pipeline to update (default: the committed one)"
         )
         p.add_argument("--params", type=Path, default=Path("params.yaml"), help="pipeline parameter defaults")
         p.add_argument(
-            "--gpus", type=int, default=1, help="GPUs per training pod when recompiling (default 1)"
+            "--gpus",
+            type=int,
+            default=None,
+            help="default GPUs per node when recompiling (default: params.yaml cluster.gpus_per_node)",
         )
         p.add_argument("--no-compile", action="store_true", help="leave the compiled pipeline as it is")
+        if name == "build":
+            add_build_arguments(p)
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-image", help="Python 3.11 bookworm base (default: the Dockerfile's, by digest)")
+    p.add_argument("--torch-index-url", help="torch wheel index (default: PyTorch's CUDA 13.0 index)")
+    p.add_argument(
+        "--ca-file", type=Path, help="CA bundle pip trusts during the build (TLS-inspecting proxy)"
+    )
+    p.add_argument("--wheelhouse", type=Path, help="offline build: install only the wheels in this folder")
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.gpus < 1:
+    if args.gpus is not None and args.gpus < 1:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
-    ref = image_ref(args.repository, args.tag or git_tag(REPO_ROOT))
+    ref = image_ref(args.repository or TARGETS[args.target], args.tag or git_tag(REPO_ROOT))
     client = docker_client()
     if args.action == "build":
-        build(client, ref)
+        build(client, ref, build_options(args, client))
         final = ref
     else:
         final = push(client, ref)
-    if not args.no_compile:
+    if args.target == "atmask" and not args.no_compile:
         out = use_image(final, args.pipeline, args.params, args.gpus)
         print(f"{out}: components now run in {final}")
     if "@" in final:
-        for overlay in pin_overlays(final, REPO_ROOT / "k8s" / "overlays"):
+        for overlay in pin_overlays(final, REPO_ROOT / "k8s" / "overlays", TARGETS[args.target]):
             print(f"{overlay}: workloads now run in {final}")
     return 0
 
@@ -92,19 +120,155 @@ def docker_client() -> Any:
     return client
 
 
-def build(client: Any, ref: str) -> None:
+# ------------------------------------------------------------------ build
+
+
+def build_options(args: argparse.Namespace, client: Any) -> list[str]:
+    """``docker build`` options for the target, the build arguments and the secret; inputs checked first."""
+    options = ["--target", args.target]
+    if args.base_image:
+        ensure_base_image(client, args.base_image)
+        options += ["--build-arg", f"BASE_IMAGE={args.base_image}"]
+    else:
+        ensure_base_image(client, dockerfile_default("BASE_IMAGE"))
+    if args.torch_index_url:
+        if not re.match(r"^(https?|file)://\S+$", args.torch_index_url):
+            raise UserError(
+                f"--torch-index-url {args.torch_index_url!r}: expected an http(s):// or file:// index URL"
+            )
+        options += ["--build-arg", f"TORCH_INDEX_URL={args.torch_index_url}"]
+    if args.ca_file:
+        options += ["--secret", f"id=ca,src={check_ca_file(args.ca_file)}"]
+    if args.wheelhouse:
+        fill_wheelhouse(args.wheelhouse, WHEELHOUSE)
+    elif any(WHEELHOUSE.glob("*.whl")):
+        print(f"note: {WHEELHOUSE} holds wheels, so pip installs from them only (offline build)")
+    return options
+
+
+def dockerfile_default(name: str, dockerfile: Path = REPO_ROOT / "Dockerfile") -> str:
+    found = re.search(rf"^ARG {name}=(\S+)$", dockerfile.read_text(encoding="utf-8"), re.MULTILINE)
+    if not found:
+        raise UserError(f"{dockerfile}: no 'ARG {name}=' default; pass it explicitly")
+    return found.group(1)
+
+
+def ensure_base_image(client: Any, base: str) -> None:
+    """The base must be in the engine's store or pullable; BuildKit would otherwise fail deep in the build."""
     import docker
 
-    print(f"building {ref} from {REPO_ROOT / 'Dockerfile'}")
     try:
-        _, logs = client.images.build(path=str(REPO_ROOT), tag=ref, rm=True, pull=True)
-    except docker.errors.BuildError as err:
-        raise UserError(f"docker build of {ref} failed: {_first_line(err)}") from None
+        client.images.get(base)
+        return
+    except docker.errors.ImageNotFound:
+        pass
     except docker.errors.APIError as err:
-        raise UserError(f"docker build of {ref}: the engine refused ({_first_line(err)})") from None
-    for entry in logs:
-        if "stream" in entry:
-            print(entry["stream"], end="")
+        raise UserError(f"base image {base}: the engine refused ({_first_line(err)})") from None
+    try:
+        client.images.pull(base)
+    except docker.errors.DockerException as err:
+        raise UserError(
+            f"base image {base}: not in the engine and pulling it failed ({_first_line(err)}); make a local "
+            "one from Debian's packages with 'bash .ci/docker.sh base' and pass --base-image atmask-base:bookworm"
+        ) from None
+
+
+def check_ca_file(path: Path) -> Path:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise UserError(f"--ca-file {path}: cannot read it ({err.strerror})") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise UserError(
+            f"--ca-file {path}: no PEM certificate in it (e.g. /etc/ssl/certs/ca-certificates.crt)"
+        )
+    return path.resolve()
+
+
+def fill_wheelhouse(source: Path, dest: Path) -> None:
+    """Make ``dest`` (inside the build context) hold exactly ``source``'s wheels: hard links, else copies."""
+    wheels = sorted(source.glob("*.whl")) if source.is_dir() else []
+    if not wheels:
+        raise UserError(f"--wheelhouse {source}: no *.whl files there (fill it with 'pip wheel --wheel-dir')")
+    if source.resolve() == dest.resolve():
+        return
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for wheel in wheels:
+        try:
+            os.link(wheel, tmp / wheel.name)
+        except OSError:
+            shutil.copy2(wheel, tmp / wheel.name)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    print(f"{dest}: {len(wheels)} wheels from {source} (offline build)")
+
+
+def buildkit_cli() -> tuple[list[str], dict[str, str]]:
+    """The ``docker`` command that builds with BuildKit here, and its environment.
+
+    $ATMASK_DOCKER_CLI, else the ``docker`` on PATH, else Debian's /usr/bin/docker: the first with the
+    buildx plugin, or older than 23.0 (those build with BuildKit themselves when DOCKER_BUILDKIT=1)."""
+    env = {**os.environ, "DOCKER_BUILDKIT": "1"}
+    candidates = [os.environ.get(CLI_ENV), shutil.which("docker"), SYSTEM_DOCKER]
+    for cli in dict.fromkeys(c for c in candidates if c and os.access(c, os.X_OK)):
+        if _quiet([cli, "buildx", "version"], env):
+            return [cli, "buildx", "build", "--load"], env
+        version = re.search(r"version (\d+)\.", _quiet([cli, "--version"], env) or "")
+        if version and int(version.group(1)) < 23:
+            return [cli, "build"], env
+    raise UserError(
+        "no docker client here builds with BuildKit: install Debian's docker.io (its 20.10 client does) or "
+        f"the buildx plugin, or set {CLI_ENV} to such a client"
+    )
+
+
+def _quiet(cmd: list[str], env: dict[str, str]) -> str | None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def build(client: Any, ref: str, options: list[str] | None = None) -> None:
+    """BuildKit build of the Dockerfile at the repository root as ``ref``; its log streams to stdout."""
+    cli, env = buildkit_cli()
+    cmd = [*cli, "--progress", "plain", "--file", str(REPO_ROOT / "Dockerfile"), *(options or [])]
+    cmd += ["--tag", ref, str(REPO_ROOT)]
+    print(f"building {ref}: {' '.join(cmd[:2])} ... {' '.join(options or [])}", flush=True)
+    start = time.monotonic()
+    tail: list[str] = []
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            tail = [*tail[-199:], line.rstrip("\n")]
+    sys.stdout.flush()
+    if proc.returncode != 0:
+        raise UserError(failed_step(ref, tail))
+    size = client.images.get(ref).attrs.get("Size", 0)
+    print(f"built {ref} in {time.monotonic() - start:.0f} s ({size / 1e9:.2f} GB)")
+
+
+def failed_step(ref: str, log: list[str]) -> str:
+    """One line from the end of a failed BuildKit log: the step that failed and what to do."""
+    steps = [m for line in log if (m := re.match(r"^ > \[([^\]]+)\] (.*?):?$", line))]
+    code = next((m.group(1) for line in reversed(log) if (m := re.search(r"exit code: (\d+)", line))), None)
+    if not steps:
+        last = next((line for line in reversed(log) if line.strip()), "no output")
+        return f"docker build of {ref} failed: {last.strip()[:300]}"
+    stage, instruction = steps[-1].group(1), re.sub(r"--mount=\S+\s*", "", steps[-1].group(2))
+    instruction = re.sub(r"\s+", " ", instruction).strip()
+    hint = "its log is above"
+    if "pip " in instruction:
+        hint += "; behind a TLS-inspecting proxy pass --ca-file, without network pass --wheelhouse"
+    status = f" (exit code {code})" if code else ""
+    return f"docker build of {ref} failed at step [{stage}] {instruction[:120]}{status}; {hint}"
+
+
+# ------------------------------------------------------------------ push
 
 
 def push(client: Any, ref: str) -> str:
@@ -131,7 +295,7 @@ def pushed_digest(ref: str, events: list[dict[str, Any]]) -> str:
 
 
 def use_image(
-    ref: str, pipeline: Path | None = None, params: Path = Path("params.yaml"), gpus: int = 1
+    ref: str, pipeline: Path | None = None, params: Path = Path("params.yaml"), gpus: int | None = None
 ) -> Path:
     from pipelines import pipeline as pl
 
@@ -141,23 +305,37 @@ def use_image(
 _IMAGES_BLOCK = re.compile(r"^images:\n(?:[ -].*\n)*", re.MULTILINE)
 
 
-def pin_overlays(pinned: str, overlays: Path) -> list[Path]:
-    """Point the ``images:`` entry of every kustomization under ``overlays`` (at any depth: the
-    infrastructure overlays and their ``training/`` overlays) at ``repository@sha256:...`` (comments
-    elsewhere kept)."""
+def pin_overlays(pinned: str, overlays: Path, name: str = DEFAULT_REPOSITORY) -> list[Path]:
+    """Point the ``images:`` entry ``name`` of every kustomization under ``overlays`` that lists it (at any
+    depth) at ``repository@sha256:...``; the other entries and the comments elsewhere are kept."""
     repository, digest = pinned.split("@", 1)
-    block = f"images:\n  - name: {DEFAULT_REPOSITORY}\n    newName: {repository}\n    digest: {digest}\n"
     changed = []
     for path in sorted(overlays.rglob("kustomization.yaml")):
         text = path.read_text(encoding="utf-8")
-        new, count = _IMAGES_BLOCK.subn(block, text, count=1)
-        if count != 1:
+        found = _IMAGES_BLOCK.search(text)
+        if not found:
             raise UserError(
                 f"{path}: no top-level 'images:' list to pin; add one naming {DEFAULT_REPOSITORY}"
             )
+        entries = yaml.safe_load(found.group(0))["images"] or []
+        if not any(e.get("name") == name for e in entries):
+            continue  # an overlay that runs no MLflow server
+        entries = [
+            {"name": name, "newName": repository, "digest": digest} if e["name"] == name else e
+            for e in entries
+        ]
+        block = "images:\n" + "".join(
+            "  - "
+            + "\n    ".join(f"{k}: {e[k]}" for k in ("name", "newName", "newTag", "digest") if k in e)
+            + "\n"
+            for e in entries
+        )
+        new = text[: found.start()] + block + text[found.end() :]
         if new != text:
             write_text_atomic(path, new)
         changed.append(path)
+    if not changed:
+        raise UserError(f"{overlays}: no kustomization lists {name} under 'images:'; add it where it runs")
     return changed
 
 

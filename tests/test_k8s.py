@@ -434,3 +434,19 @@ def test_checkov_finds_nothing(
         assert report["summary"]["passed"] > 50
         for skipped in report["results"]["skipped_checks"]:
             assert skipped["check_id"] in allowed and len(skipped["check_result"]["suppress_comment"]) > 30
+
+
+def test_mlflow_schema_is_migrated_once(infra: dict[str, list[dict[str, Any]]]) -> None:
+    """dev and single-user (one replica): wait-for-db waits and upgrades the schema; prod (two replicas):
+    it only waits, and migrate-once upgrades under a PostgreSQL advisory lock, in the same image."""
+    for overlay, docs in infra.items():
+        spec = by_kind(docs, "Deployment")["mlflow"]["spec"]["template"]["spec"]
+        inits = {c["name"]: c for c in spec["initContainers"]}
+        server = spec["containers"][0]["image"]
+        assert {c["image"] for c in inits.values()} == {server}, overlay
+        if overlay == "prod":
+            assert list(inits) == ["wait-for-db", "migrate-once"]
+            assert "--no-upgrade" in inits["wait-for-db"]["command"]
+        else:
+            assert list(inits) == ["wait-for-db"], overlay
+            assert "--no-upgrade" not in inits["wait-for-db"]["command"], overlay
