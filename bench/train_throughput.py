@@ -76,7 +76,7 @@ def loader_for(args: argparse.Namespace, cfg, tp, info) -> tuple[torch.utils.dat
         images = images if images.is_dir() else args.data / "train"  # ingested layout, or Penn-Fudan's
         ann = args.data / "annotations" / "instances_train.json"
         dataset = CocoInstances(images, ann, remove_empty=True)
-        return make_loader(dataset, tp, cfg, info, 0), dataset.categories.num_classes
+        return make_loader(dataset, tp, info, 0), dataset.categories.num_classes
     data = RandomInstances(cfg.min_size, cfg.max_size, num_classes=3)
     sampler = torch.utils.data.BatchSampler(itertools.count(), tp.batch_size, drop_last=True)
     loader = torch.utils.data.DataLoader(
