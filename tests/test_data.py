@@ -248,3 +248,15 @@ def test_load_coco_is_quiet(synthetic_root, capsys):
     assert len(coco.imgs) == 2 and capsys.readouterr().out == ""
     rle = coco.annToRLE(next(iter(coco.anns.values())))
     assert mask_util.area(rle) == next(iter(coco.anns.values()))["area"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_loader_batch_is_pinned_and_converted_on_the_device(synthetic_root):
+    ds = CocoInstances.from_root(synthetic_root, "train", transforms=train_transforms(), seed=7)
+    images, targets = next(iter(make_loader(ds, batch_size=2, shuffle=False, workers=1)))
+    assert all(im.dtype == torch.uint8 and im.is_pinned() for im in images)
+    on_gpu, gpu_targets = to_device(images, targets, torch.device("cuda"))
+    for im, gpu in zip(images, on_gpu, strict=True):
+        assert gpu.is_cuda and gpu.dtype == torch.float32
+        assert torch.equal(gpu.cpu(), im.float() / 255)
+    assert all(t["masks"].is_cuda and t["masks"].dtype == torch.uint8 for t in gpu_targets)
