@@ -106,13 +106,14 @@ def test_one_paste_equals_two_pastes_on_a_trained_model(trained_atmask, eval_dat
     with torch.no_grad():
         served = model(images)
     analysed = predict_with_maps(model, images)
-    detections = flips = 0
+    detections = flips = pixels = 0
     for new, old in zip(served, analysed, strict=True):
         for key in ("boxes", "labels", "scores"):
             assert torch.equal(new[key], old[key]), key
         flips += assert_same_masks(new["masks"], old["masks"], old["prob_masks"], old["thr_masks"], k)
         detections += len(new["boxes"])
-    assert detections >= 20 and flips == 0
+        pixels += new["masks"].numel()
+    assert detections >= 20 and flips <= 1e-5 * pixels  # ties only (checked above), and rare
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
