@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 PROJECT := $(VENV)/.project
 SOURCES := $(shell git ls-files model components pipelines 2>/dev/null)
 
-.PHONY: demo test lint format tools lock clean-venv image
+.PHONY: demo test lint format tools lock clean-venv image gpu-check
 
 # The dependencies, pinned by constraints.txt (slow: only when the pins change).
 $(STAMP): pyproject.toml constraints.txt
@@ -54,6 +54,12 @@ image: $(STAMP)
 	$(BIN)/atmask image build --target mlflow --repository atmask-mlflow $(IMAGE_OPTIONS)
 	$(BIN)/atmask image build --target atmask --repository atmask $(IMAGE_OPTIONS) \
 		$(if $(TORCH_INDEX_URL),--torch-index-url $(TORCH_INDEX_URL))
+
+# The GPU figures (issue 19) on one GPU in at most ~8 minutes: model step, training throughput through the
+# Penn-Fudan loader, inference latency, evaluate of a tiny run, the CUDA-only tests. Prints them and writes
+# gpu_check.json. Rehearse on CPU: make gpu-check GPU_CHECK_ARGS="--quick --device cpu"
+gpu-check: $(PROJECT)
+	PATH="$(CURDIR)/$(BIN):$$PATH" PYTHONPATH="$(CURDIR)" $(BIN)/python bench/gpu_check.py --out gpu_check.json $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import multiprocessing as mp
 import statistics
 import time
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument(
         "--amp", choices=("auto", "bf16", "fp16", "off"), default="auto", help="CUDA only, as in training"
     )
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -185,6 +187,14 @@ def main() -> None:
         print(f"{name:<10}{med[name]:>17.4f}{args.batch / med[name]:>10.2f}{peaks[name]:>11.0f}")
     print(f"time ratio atmask/baseline:   {med['atmask'] / med['baseline']:.3f}")
     print(f"memory ratio atmask/baseline: {peaks['atmask'] / peaks['baseline']:.3f}")
+    if args.json:
+        rows = {n: {"step_s": med[n], "img_s": args.batch / med[n], "peak_mib": peaks[n]} for n in ABLATIONS}
+        payload = {
+            "model": label, "size": [height, width], "batch": args.batch, "device": str(device), "amp": amp,
+            "steps": args.steps, "ablations": rows,
+            "time_ratio": med["atmask"] / med["baseline"], "memory_ratio": peaks["atmask"] / peaks["baseline"],
+        }  # fmt: skip
+        args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
 
 
 if __name__ == "__main__":

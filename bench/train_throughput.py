@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import statistics
 import time
 from pathlib import Path
@@ -59,7 +60,7 @@ class RandomInstances(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
         gen = torch.Generator().manual_seed(index)
         h, w = self.height, self.width
-        image = torch.rand(3, h, w, generator=gen)
+        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=gen)  # as the real loader's
         xy = torch.rand(4, 2, generator=gen) * torch.tensor([w * 0.7, h * 0.7])
         wh = (0.1 + 0.2 * torch.rand(4, 2, generator=gen)) * torch.tensor([w, h])
         boxes = torch.cat([xy, xy + wh], 1).round()
@@ -76,7 +77,7 @@ def loader_for(args: argparse.Namespace, cfg, tp, info) -> tuple[torch.utils.dat
         images = images if images.is_dir() else args.data / "train"  # ingested layout, or Penn-Fudan's
         ann = args.data / "annotations" / "instances_train.json"
         dataset = CocoInstances(images, ann, remove_empty=True)
-        return make_loader(dataset, tp, cfg, info, 0), dataset.categories.num_classes
+        return make_loader(dataset, tp, info, 0), dataset.categories.num_classes
     data = RandomInstances(cfg.min_size, cfg.max_size, num_classes=3)
     sampler = torch.utils.data.BatchSampler(itertools.count(), tp.batch_size, drop_last=True)
     loader = torch.utils.data.DataLoader(
@@ -171,6 +172,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5, quick 1)")
     parser.add_argument("--fp32", action="store_true", help="no autocast on CUDA")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
     steps = args.steps or (4 if args.quick else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
@@ -205,6 +207,10 @@ def report(runners: dict[str, Runner], info, tp, args) -> None:
         )
     ratio = rows["atmask"]["step_s"] / rows["baseline"]["step_s"]
     print(f"step-time ratio atmask/baseline: {ratio:.3f}")
+    if args.json:
+        payload = {"device": name, "batch": tp.batch_size, "size": size, "amp": dtype, "workers": tp.workers,
+                   "data": str(args.data or "random"), "ablations": rows, "step_ratio": ratio}  # fmt: skip
+        args.json.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     if info.device.type == "cuda" and not args.quick:
         ok_speed = rows["atmask"]["img_s"] >= 40
         print(f"target atmask >= 40 img/s: {'met' if ok_speed else 'NOT met'}")

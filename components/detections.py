@@ -13,6 +13,8 @@ import torch
 from pycocotools import mask as mask_util
 from torchvision.transforms.functional import pil_to_tensor
 
+from model.data import to_float_image
+
 DEFAULT_SCORE_THRESHOLD = 0.5
 
 
@@ -33,12 +35,15 @@ def detect(
     score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     batch_size: int = 4,
 ) -> list[list[dict[str, Any]]]:
-    """Per image, its detections above ``score_threshold``: category_id, label, score, box, binary mask."""
+    """Per image, its detections above ``score_threshold``: category_id, label, score, box, binary mask.
+
+    Images are [3, H, W], uint8 (0..255) or float in [0, 1]; uint8 ones become float on the model's device.
+    """
     model.eval()
     device = next(model.parameters()).device
     found = []
     for start in range(0, len(images), batch_size):
-        batch = [img.to(device) for img in images[start : start + batch_size]]
+        batch = [to_float_image(img.to(device)) for img in images[start : start + batch_size]]
         for out in model(batch):
             out = {k: v.cpu() for k, v in out.items() if k in ("boxes", "labels", "scores")} | {
                 "masks": out["masks"]

@@ -22,6 +22,7 @@ from components.errors import UserError
 from components.params import Params
 from components.run_layout import MANIFEST_FILE
 from model.config import ModelConfig
+from model.data import to_float_image
 from model.inference import predict_with_maps
 
 # ------------------------------------------------------------------ data
@@ -69,9 +70,10 @@ def check_categories(
 
 
 def read_image(path: Path) -> torch.Tensor:
+    """uint8 [3, H, W], as the training loader gives them; converted to float on the model's device."""
     try:
         with Image.open(path) as img:
-            return pil_to_tensor(img.convert("RGB")).float() / 255.0
+            return pil_to_tensor(img.convert("RGB"))
     except (OSError, ValueError) as err:
         raise UserError(f"{path}: cannot read the image ({err}); re-run 'atmask ingest'") from None
 
@@ -163,7 +165,8 @@ def run_inference(
         file=sys.stderr,
         disable=None,  # no bar when stderr is not a terminal (DVC, KFP and CI logs)
     ):
-        outputs = predict_with_maps(model, [img.to(device or "cpu", non_blocking=True) for _, img in batch])
+        images = [to_float_image(img.to(device or "cpu", non_blocking=True)) for _, img in batch]
+        outputs = predict_with_maps(model, images)
         for (im, img), out in zip(batch, outputs, strict=True):
             out = {
                 **out,
@@ -176,6 +179,6 @@ def run_inference(
                     to_results(im["id"], out, label_to_cat, encode_masks(binary))
                 )
             if im["id"] in keep:
-                inf.samples[im["id"]] = {"image": img, **{k: v.cpu() for k, v in out.items()}}
+                inf.samples[im["id"]] = {"image": to_float_image(img), **{k: v.cpu() for k, v in out.items()}}
     inf.seconds = time.perf_counter() - start
     return inf

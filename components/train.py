@@ -213,7 +213,7 @@ def launch(ctx: RunContext, hooks: LoopHooks) -> dict[str, Any]:
     if ctx.dist.is_main:
         where = f"{ctx.dist.world_size} process(es) on {ctx.device_info}"
         print(f"atmask train: {ctx.ablation}: {scaled_lr(ctx.recipe)[1]}; {where}")
-    loader = make_loader(ctx.dataset, ctx.recipe, ctx.model, ctx.dist, loop.iteration)
+    loader = make_loader(ctx.dataset, ctx.recipe, ctx.dist, loop.iteration)
     clock = Clock(loop)
     try:
         run_loop(loop, loader, LoopSettings(ctx.recipe, ctx.dist, ctx.out_dir, ctx.amp, hooks), tracker)

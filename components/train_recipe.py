@@ -17,8 +17,7 @@ from components import distributed as dist_utils
 from components.errors import UserError
 from components.params import TrainParams
 from components.run_layout import MANIFEST_FILE
-from model.config import ModelConfig
-from model.data import CocoInstances, collate, train_transforms
+from model.data import CocoInstances, collate, to_float_image, train_transforms
 
 
 def lr_factor(iteration: int, tp: TrainParams) -> float:
@@ -113,7 +112,7 @@ def data_checksum(data_dir: Path) -> str:
 
 
 def make_loader(
-    dataset: CocoInstances, tp: TrainParams, cfg: ModelConfig, info: dist_utils.DistInfo, start: int
+    dataset: CocoInstances, tp: TrainParams, info: dist_utils.DistInfo, start: int
 ) -> torch.utils.data.DataLoader:
     """Aspect-ratio grouped, sharded over ranks, seeded per iteration from ``start`` (resume is exact)."""
     sampler = dist_utils.ShardedBatchSampler(
@@ -124,7 +123,7 @@ def make_loader(
         tp.seed,
         start,
     )
-    samples = SeededSamples(dataset, train_transforms(cfg.min_size, cfg.max_size, tp.hflip_prob))
+    samples = SeededSamples(dataset, train_transforms(tp.hflip_prob))  # the model's transform resizes
     return torch.utils.data.DataLoader(
         samples,
         batch_sampler=sampler,
@@ -138,8 +137,12 @@ def make_loader(
     )
 
 
-def to_device(images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device):
-    images = [im.to(device, non_blocking=True) for im in images]
+def to_device(
+    images: list[torch.Tensor], targets: list[dict[str, Any]], device: torch.device
+) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+    """The loader's uint8 batch on ``device`` (non-blocking copies from pinned memory on CUDA), images
+    converted to float [0, 1] there, after the copy; masks stay uint8."""
+    images = [to_float_image(im.to(device, non_blocking=True)) for im in images]
     targets = [
         {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
         for t in targets

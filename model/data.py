@@ -1,9 +1,14 @@
 """COCO instance data for torchvision detection models: dataset, augmentation, sampler, loader.
 
-A sample is ``(image, target)``: ``image`` a float32 tensor [3, H, W] in [0, 1]; ``target`` a dict with
-``boxes`` float32 [N, 4] (XYXY, pixels), ``labels`` int64 [N] (contiguous 1..C), ``masks`` uint8 [N, H, W],
-``image_id`` (int, the COCO image id), ``area`` float32 [N] and ``iscrowd`` int64 [N] (always 0: crowd
-regions are not training targets; they stay in the annotation files for evaluation).
+A sample is ``(image, target)``: ``image`` a uint8 tensor [3, H, W] at the file's own size; ``target`` a
+dict with ``boxes`` float32 [N, 4] (XYXY, pixels), ``labels`` int64 [N] (contiguous 1..C), ``masks`` uint8
+[N, H, W], ``image_id`` (int, the COCO image id), ``area`` float32 [N] and ``iscrowd`` int64 [N] (always 0:
+crowd regions are not training targets; they stay in the annotation files for evaluation).
+
+Workers only decode and flip: samples cross the process boundary and the host-to-device copy as uint8
+(a quarter of float32's bytes). :func:`to_float_image` turns them into the float [0, 1] images torchvision's
+detection transform takes, on the training device, right after the copy; that transform then normalises
+and resizes them (shortest side ``min_size``, longest <= ``max_size``): the one resize, on the device.
 
 Augmentation is deterministic: each sample draws from its own generator seeded by (seed, epoch, index), so
 the same seed gives the same batches whatever the number of workers.
@@ -22,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
@@ -120,7 +124,7 @@ class CocoInstances(Dataset):
     def load_image(self, image_id: int) -> torch.Tensor:
         path = self.image_dir / self.coco.imgs[image_id]["file_name"]
         data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
-        return decode_image(data, mode=ImageReadMode.RGB).float().div_(255.0)
+        return decode_image(data, mode=ImageReadMode.RGB)
 
     def load_target(self, image_id: int) -> Target:
         info = self.coco.imgs[image_id]
@@ -193,51 +197,15 @@ class RandomHorizontalFlip:
         return image.flip(-1), target
 
 
-class ResizeShortestEdge:
-    """Mask R-CNN's resize: shortest side to ``min_size`` (one picked at random if several) unless the
-    longest side would exceed ``max_size``. Masks are resized bilinearly and re-thresholded at 0.5."""
-
-    def __init__(self, min_size: int | Sequence[int], max_size: int):
-        self.min_sizes = (min_size,) if isinstance(min_size, int) else tuple(min_size)
-        self.max_size = max_size
-
-    def target_size(self, h: int, w: int, min_size: int) -> tuple[int, int]:
-        scale = min(min_size / min(h, w), self.max_size / max(h, w))
-        return max(1, round(h * scale)), max(1, round(w * scale))
-
-    def __call__(
-        self, image: torch.Tensor, target: Target, gen: torch.Generator
-    ) -> tuple[torch.Tensor, Target]:
-        pick = (
-            int(torch.randint(len(self.min_sizes), (), generator=gen).item())
-            if len(self.min_sizes) > 1
-            else 0
-        )
-        h, w = image.shape[-2:]
-        nh, nw = self.target_size(h, w, self.min_sizes[pick])
-        if (nh, nw) == (h, w):
-            return image, target
-        image = F.interpolate(image[None], size=(nh, nw), mode="bilinear", align_corners=False)[0].clamp_(
-            0, 1
-        )
-        target = dict(target)
-        target["boxes"] = target["boxes"] * torch.tensor(
-            [nw / w, nh / h, nw / w, nh / h], dtype=torch.float32
-        )
-        target["area"] = target["area"] * (nw * nh / (w * h))
-        masks = target["masks"]
-        if masks.shape[0]:
-            resized = F.interpolate(masks[None].float(), size=(nh, nw), mode="bilinear", align_corners=False)[
-                0
-            ]
-            target["masks"] = (resized >= 0.5).to(torch.uint8)
-        else:
-            target["masks"] = masks.new_zeros((0, nh, nw))
-        return image, target
+def train_transforms(hflip_prob: float = 0.5) -> Compose:
+    """Augmentation in the loader: a horizontal flip. Resizing is the model transform's, on the device."""
+    return Compose([RandomHorizontalFlip(hflip_prob)])
 
 
-def train_transforms(min_size: int | Sequence[int], max_size: int, hflip_prob: float = 0.5) -> Compose:
-    return Compose([RandomHorizontalFlip(hflip_prob), ResizeShortestEdge(min_size, max_size)])
+def to_float_image(image: torch.Tensor) -> torch.Tensor:
+    """A uint8 image (0..255) as float32 in [0, 1], what torchvision's detection models take; a floating
+    image is returned as it is. Call it after the copy to the device, so the copy moves uint8."""
+    return image if image.is_floating_point() else image.float().div_(255.0)
 
 
 # ---------------------------------------------------------------- batching

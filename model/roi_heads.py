@@ -11,9 +11,15 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss, paste_masks_in_image
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
+from torchvision.models.detection.roi_heads import (
+    RoIHeads,
+    expand_boxes,
+    fastrcnn_loss,
+    paste_masks_in_image,
+)
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 
 from model.binarize import differentiable_binarization
 from model.config import ModelConfig
@@ -117,12 +123,45 @@ class ATMaskRoIHeads(RoIHeads):
         ]
 
 
-class ATMaskTransform(GeneralizedRCNNTransform):
-    """Pastes P and T into the image separately, then ``masks = B = sigmoid(k (P - T))``.
+def paste_binarized(
+    diff: Tensor, boxes: Tensor, size: tuple[int, int], k: float, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """``B = sigmoid(k (P - T))`` in the image, from one paste per detection of ``diff`` = P - T [N, 1, M, M].
 
-    Binarizing after pasting means ``masks >= 0.5`` is exactly ``P >= T`` at image resolution. T is
-    pasted as ``1 - paste(1 - T)`` so that outside the box T = 1 > P = 0: background, as it must be.
-    With ``return_maps`` on, the pasted maps come back as ``prob_masks`` and ``thr_masks`` too.
+    torchvision's ``paste_masks_in_image`` is linear in the map it pastes: pad by one cell, resize to the
+    box bilinearly, place in an empty image. Pasting P (pad and outside 0) and T as ``1 - paste(1 - T)``
+    (pad and outside 1), then subtracting, is therefore pasting P - T with -1 as pad and outside value, up to
+    float rounding. Outside the boxes B is the constant ``sigmoid(-k)``, so the sigmoid runs on box pixels
+    only, and every detection is written straight into the output (no per-detection image, no stack).
+    The sigmoid is taken in float32; ``dtype`` is the output's.
+    """
+    n, _, m, _ = diff.shape
+    height, width = size
+    outside = float(torch.sigmoid(torch.tensor(-k, dtype=torch.float32)))  # B where P = 0 and T = 1
+    out = torch.full((n, 1, height, width), outside, dtype=dtype, device=diff.device)
+    if n == 0:
+        return out
+    padded = F.pad(diff.float(), (1, 1, 1, 1), value=-1.0)
+    corners = expand_boxes(boxes, (m + 2) / m).to(torch.int64).tolist()  # one host sync for all boxes
+    for i, (x0, y0, x1, y1) in enumerate(corners):
+        w, h = max(x1 - x0 + 1, 1), max(y1 - y0 + 1, 1)
+        cx0, cx1, cy0, cy1 = max(x0, 0), min(x1 + 1, width), max(y0, 0), min(y1 + 1, height)
+        if cx0 >= cx1 or cy0 >= cy1:
+            continue
+        region = F.interpolate(padded[i : i + 1], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        crop = region[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0]
+        out[i, 0, cy0:cy1, cx0:cx1] = torch.sigmoid(crop.mul_(k))
+    return out
+
+
+class ATMaskTransform(GeneralizedRCNNTransform):
+    """Pastes P - T into the image once per detection: ``masks = B = sigmoid(k (P - T))`` (:func:`paste_binarized`).
+
+    Binarizing after pasting means ``masks >= 0.5`` is ``P >= T`` at image resolution. T behaves as if
+    pasted as ``1 - paste(1 - T)``, so that outside the box T = 1 > P = 0: background, as it must be.
+    With ``return_maps`` on, P and T are pasted separately and come back as ``prob_masks`` and ``thr_masks``,
+    and ``masks`` is computed from those two maps (so ``masks >= 0.5`` is exactly ``prob_masks >= thr_masks``
+    there; the one-paste ``masks`` equal it up to float rounding).
     """
 
     def __init__(self, cfg: ModelConfig, image_mean: Sequence[float], image_std: Sequence[float]) -> None:
@@ -146,12 +185,15 @@ class ATMaskTransform(GeneralizedRCNNTransform):
     ) -> list[dict[str, Tensor]]:
         if self.training:
             return result
-        thresholds = [r.pop("thresholds") for r in result]
-        result = super().postprocess(result, image_shapes, original_image_sizes)  # pastes P as "masks"
-        for r, thr, size in zip(result, thresholds, original_image_sizes):
-            prob = r["masks"]
-            thr = 1.0 - paste_masks_in_image(1.0 - thr, r["boxes"], size)
-            r["masks"] = differentiable_binarization(prob, thr, self.k).to(prob.dtype)
+        for r, shape, size in zip(result, image_shapes, original_image_sizes):
+            prob, thr = r.pop("masks"), r.pop("thresholds")
+            r["boxes"] = resize_boxes(r["boxes"], shape, size)
             if self.return_maps:
-                r["prob_masks"], r["thr_masks"] = prob, thr
+                r["prob_masks"] = paste_masks_in_image(prob, r["boxes"], size)
+                r["thr_masks"] = 1.0 - paste_masks_in_image(1.0 - thr, r["boxes"], size)
+                b = differentiable_binarization(r["prob_masks"], r["thr_masks"], self.k)
+                r["masks"] = b.to(prob.dtype)
+            else:
+                diff = prob.float() - thr.float()
+                r["masks"] = paste_binarized(diff, r["boxes"], size, self.k, prob.dtype)
         return result

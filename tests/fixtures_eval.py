@@ -16,7 +16,7 @@ import torch
 from components.checkpoint import save_model
 from model.builder import build_model
 from model.config import ModelConfig
-from model.data import CocoInstances, collate
+from model.data import CocoInstances, collate, to_float_image
 from pipelines.main import main as atmask
 
 TINY_MODEL = {
@@ -62,6 +62,7 @@ def train_tiny(
     opt = torch.optim.SGD(params, lr=0.02, momentum=0.9)
     for step in range(steps):
         images, targets = collate([dataset[(2 * step + i) % len(dataset)] for i in range(2)])
+        images = [to_float_image(im) for im in images]
         loss = sum(model(images, targets).values())
         opt.zero_grad()
         loss.backward()

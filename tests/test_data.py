@@ -12,15 +12,17 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 from torch.utils.data import RandomSampler, SequentialSampler
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from components.ingest import ingest
 from components.synthetic import SyntheticConfig
+from components.train_recipe import to_device
+from model.builder import IMAGE_MEAN, IMAGE_STD
 from model.data import (
     CategoryMap,
     CocoInstances,
     GroupedBatchSampler,
     RandomHorizontalFlip,
-    ResizeShortestEdge,
     aspect_ratio_groups,
     collate,
     load_coco,
@@ -51,8 +53,8 @@ def check_against_pycocotools(ds: CocoInstances, index: int) -> int:
     anns = [a for a in ds.coco.imgToAnns[image_id] if not a["iscrowd"]]
     with Image.open(ds.image_dir / info["file_name"]) as im:
         pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
-    assert image.dtype == torch.float32 and image.shape == (3, info["height"], info["width"])
-    assert torch.equal((image * 255).round().to(torch.uint8), pixels)
+    assert image.dtype == torch.uint8 and image.shape == (3, info["height"], info["width"])
+    assert torch.equal(image, pixels)
     assert target["image_id"] == image_id
     assert target["masks"].dtype == torch.uint8 and target["masks"].shape == (len(anns), *image.shape[1:])
     for i, ann in enumerate(anns):
@@ -148,42 +150,31 @@ def test_hflip_flips_image_masks_and_boxes_consistently(synthetic_root):
         assert same_image is image and same is target
 
 
-def test_resize_to_training_resolution_scales_boxes_masks_and_area(pennfudan):
+def test_the_one_resize_is_the_models_transform_on_the_loaders_uint8_sample(pennfudan):
+    """The loader hands the file's pixels; to_device's conversion + the model's transform bring them to
+    800 x 1333 with boxes, masks and area consistent, in one resize."""
     ds = CocoInstances(pennfudan / "train", pennfudan / "annotations" / "instances_train.json")
-    image, target = ds[0]  # 559 x 536 (w x h)
-    resize = ResizeShortestEdge(800, 1333)
-    out_image, out = resize(image, target, gen())
-    h, w = image.shape[-2:]
-    assert resize.target_size(h, w, 800) == (800, round(w * 800 / h)) == tuple(out_image.shape[-2:])
-    nh, nw = out_image.shape[-2:]
+    image, target = ds[0]  # 559 x 536 (w x h), uint8
+    images, targets = to_device([image], [target], torch.device("cpu"))
+    assert images[0].dtype == torch.float32 and torch.equal(images[0], image.float() / 255)
+    assert targets[0]["masks"].dtype == torch.uint8
+    transform = GeneralizedRCNNTransform(800, 1333, list(IMAGE_MEAN), list(IMAGE_STD)).train()
+    batch, out = transform(images, targets)
+    (nh, nw), (h, w) = batch.image_sizes[0], image.shape[-2:]
+    assert (nh, nw) == (800, round(w * 800 / h))
     sx, sy = nw / w, nh / h
-    assert torch.allclose(out["boxes"], target["boxes"] * torch.tensor([sx, sy, sx, sy]))
-    assert torch.allclose(out["area"], target["area"] * (sx * sy))
-    assert out["masks"].shape == (len(target["masks"]), nh, nw) and out["masks"].dtype == torch.uint8
-    for mask, box, area in zip(out["masks"], out["boxes"], out["area"], strict=True):
+    assert torch.allclose(out[0]["boxes"], target["boxes"] * torch.tensor([sx, sy, sx, sy]))
+    assert out[0]["masks"].shape == (len(target["masks"]), nh, nw)
+    for mask, box, area in zip(out[0]["masks"], out[0]["boxes"], target["area"], strict=True):
         assert mask_box(mask) == pytest.approx(box.tolist(), abs=2.5)
-        assert mask.sum().item() == pytest.approx(area.item(), rel=0.03)
-    assert out_image.min() >= 0 and out_image.max() <= 1
-
-
-def test_resize_respects_max_size_and_picks_among_min_sizes():
-    resize = ResizeShortestEdge((640, 800), 1333)
-    assert resize.target_size(100, 1000, 800) == (133, 1333)  # long side capped
-    assert resize.target_size(480, 640, 640) == (640, 853)
-    image = torch.rand(3, 48, 64)
-    target = {
-        "boxes": torch.tensor([[8.0, 8.0, 24.0, 40.0]]),
-        "masks": torch.zeros(1, 48, 64, dtype=torch.uint8),
-        "area": torch.tensor([512.0]),
-        "labels": torch.tensor([1]),
-    }
-    sizes = {tuple(resize(image, target, gen(s))[0].shape[-2:]) for s in range(12)}
-    assert sizes == {(640, 853), (800, 1067)}
+        assert mask.sum().item() == pytest.approx(area.item() * sx * sy, rel=0.03)
+    wide = transform([torch.rand(3, 100, 1000)])[0]
+    assert wide.image_sizes[0] == (133, 1333)  # the longest side is capped at max_size
 
 
 def test_train_transforms_are_deterministic_per_seed_epoch_and_index(synthetic_root):
     def batch(seed: int, epoch: int) -> list[torch.Tensor]:
-        ds = CocoInstances.from_root(synthetic_root, "train", transforms=train_transforms(96, 160), seed=seed)
+        ds = CocoInstances.from_root(synthetic_root, "train", transforms=train_transforms(), seed=seed)
         ds.set_epoch(epoch)
         return [ds[i][1]["boxes"] for i in range(len(ds))]
 
@@ -193,9 +184,11 @@ def test_train_transforms_are_deterministic_per_seed_epoch_and_index(synthetic_r
         [not torch.equal(x, y) for x, y in zip(batch(0, e), batch(0, 99), strict=True)] for e in range(3)
     ]
     assert any(any(f) for f in flips)  # another epoch draws other flips
-    ds = CocoInstances.from_root(synthetic_root, "train", transforms=train_transforms(96, 160))
-    image, target = ds[0]
-    assert image.shape == (3, 96, 96) and target["masks"].shape[-2:] == (96, 96)
+    ds = CocoInstances.from_root(synthetic_root, "train", transforms=train_transforms())
+    image, target = ds[0]  # not resized: the model's transform does that, once, on the device
+    assert (
+        image.dtype == torch.uint8 and image.shape == (3, 64, 64) and target["masks"].shape[-2:] == (64, 64)
+    )
 
 
 # ---------------------------------------------------------------- batching
@@ -231,7 +224,7 @@ def test_collate_returns_lists():
 def loader_batches(
     root: Path, workers: int
 ) -> list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]]:
-    ds = CocoInstances.from_root(root, "train", transforms=train_transforms(80, 120), seed=7)
+    ds = CocoInstances.from_root(root, "train", transforms=train_transforms(), seed=7)
     loader = make_loader(ds, batch_size=2, shuffle=True, workers=workers, seed=5)
     return [
         ([t["image_id"] for t in targets], images, [t["masks"] for t in targets])
@@ -245,8 +238,7 @@ def test_loader_is_deterministic_whatever_the_number_of_workers(synthetic_root):
     assert len(serial) == 3 and sorted(i for ids, _, _ in serial for i in ids) == [1, 2, 3, 4, 5, 6]
     assert [ids for ids, _, _ in serial] == [ids for ids, _, _ in parallel]
     for (_, img_a, masks_a), (_, img_b, masks_b) in zip(serial, parallel, strict=True):
-        # float ulps may differ: a worker runs torch kernels single-threaded, with another SIMD split
-        assert all(torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in zip(img_a, img_b, strict=True))
+        assert all(x.dtype == torch.uint8 and torch.equal(x, y) for x, y in zip(img_a, img_b, strict=True))
         assert all(torch.equal(x, y) for x, y in zip(masks_a, masks_b, strict=True))
     assert [ids for ids, _, _ in serial] != [[1, 2], [3, 4], [5, 6]]  # shuffled
 
@@ -256,3 +248,15 @@ def test_load_coco_is_quiet(synthetic_root, capsys):
     assert len(coco.imgs) == 2 and capsys.readouterr().out == ""
     rle = coco.annToRLE(next(iter(coco.anns.values())))
     assert mask_util.area(rle) == next(iter(coco.anns.values()))["area"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_loader_batch_is_pinned_and_converted_on_the_device(synthetic_root):
+    ds = CocoInstances.from_root(synthetic_root, "train", transforms=train_transforms(), seed=7)
+    images, targets = next(iter(make_loader(ds, batch_size=2, shuffle=False, workers=1)))
+    assert all(im.dtype == torch.uint8 and im.is_pinned() for im in images)
+    on_gpu, gpu_targets = to_device(images, targets, torch.device("cuda"))
+    for im, gpu in zip(images, on_gpu, strict=True):
+        assert gpu.is_cuda and gpu.dtype == torch.float32
+        assert torch.equal(gpu.cpu(), im.float() / 255)
+    assert all(t["masks"].is_cuda and t["masks"].dtype == torch.uint8 for t in gpu_targets)

@@ -22,7 +22,7 @@ from components.train import PREEMPTED_EXIT_CODE, train
 from components.train_loop import LoopHooks
 from components.train_recipe import lr_factor, scaled_lr
 from model import build_model
-from model.data import CocoInstances, collate
+from model.data import CocoInstances, collate, to_float_image
 from pipelines.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +72,7 @@ def _train_set_loss(model: torch.nn.Module, data: Path) -> float:
     """Total training loss over all 8 training images, unaugmented, with seeded RoI sampling."""
     dataset = CocoInstances.from_root(data, "train", remove_empty=True)
     images, targets = collate([dataset[i] for i in range(len(dataset))])
+    images = [to_float_image(im) for im in images]  # the loader hands uint8, as training's to_device
     torch.manual_seed(123)
     model.train()
     with torch.no_grad():
