@@ -69,3 +69,21 @@ def test_the_atmask_entry_point_is_the_top_layer() -> None:
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["atmask"] == "pipelines.main:main"
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 450, 60  # past these a module or a function is asking to be split
+
+
+def test_modules_and_functions_stay_small() -> None:
+    too_long = []
+    for path in _modules():
+        text = path.read_text(encoding="utf-8")
+        name = path.relative_to(ROOT).as_posix()
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    assert not too_long, "split these:\n" + "\n".join(too_long)
