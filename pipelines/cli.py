@@ -319,7 +319,7 @@ def local_arguments(
         "recipe": load_params(params_path).recipe,  # the local profile
         "gpus_per_node": 1,
         "nodes": 1,
-        "mlflow_tracking_uri": tracking_uri or f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+        "mlflow_tracking_uri": tracking_uri or f"sqlite:///{workdir.resolve() / 'mlflow.db'}",
         "overrides": json.dumps(LOCAL_OVERRIDES if tiny else {}),
         "data_root": str(workdir / "datasets"),  # stands in for the datasets PVC
         "checkpoint_root": str(workdir / "checkpoints"),  # stands in for the runs PVC
@@ -339,6 +339,12 @@ def run_local(args: argparse.Namespace) -> int:
     from pipelines import runtime
 
     workdir = args.workdir.resolve()
+    image = args.image or pl.compiled_image() or DEFAULT_IMAGE
+    tracking_uri = args.mlflow_tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+    if args.runner == "docker":  # before dvc.lock is read or any folder made
+        from pipelines.local_docker import check_inputs
+
+        check_inputs(image, tracking_uri)
     ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
     arguments = local_arguments(
         args.params,
@@ -347,10 +353,9 @@ def run_local(args: argparse.Namespace) -> int:
         not args.full_size,
         parse_seeds(args.seeds),
         args.dvc_remote,
-        args.mlflow_tracking_uri,
+        tracking_uri,
     )
     root = workdir / "pipeline_root"
-    image = args.image or pl.compiled_image() or DEFAULT_IMAGE
     os.environ[runtime.RUN_ID_ENV] = f"local-{time.strftime('%Y%m%d-%H%M%S')}"  # a cluster pod's run-id label
     runner = local_runner(args.runner, image, arguments, workdir)
     local.init(runner=runner, pipeline_root=str(root), raise_on_error=True)

@@ -39,20 +39,7 @@ def docker_runner(
     import docker
     from kfp import local
 
-    from pipelines.image import docker_client
-
-    if not tracking_uri.startswith(("http://", "https://")):
-        raise UserError(
-            f"--mlflow-tracking-uri {tracking_uri or '(none)'}: --runner docker needs a tracking server "
-            "(http://host:port) that the containers reach; start one with 'mlflow server'"
-        )
-    try:
-        docker_client().images.get(image)
-    except docker.errors.ImageNotFound:
-        raise UserError(
-            f"--image {image}: not in the local Docker engine; build it with 'atmask image build "
-            "--repository REPO --tag TAG --no-compile' and pass --image REPO:TAG"
-        ) from None
+    check_inputs(image, tracking_uri)
     user = POD_USER
     for path in volumes:
         path.mkdir(parents=True, exist_ok=True)
@@ -73,3 +60,24 @@ def docker_runner(
         mounts=[docker.types.Mount(str(p), str(p), type="bind") for p in volumes[1:]]
         + [docker.types.Mount(str(p), str(p), type="bind", read_only=True) for p in read_only or []],
     )
+
+
+def check_inputs(image: str, tracking_uri: str) -> None:
+    """What --runner docker needs, checked before anything is read or made: a tracking server URL the
+    containers reach, and the image in the local engine."""
+    import docker
+
+    from pipelines.image import docker_client
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        raise UserError(
+            f"--mlflow-tracking-uri {tracking_uri or '(none)'}: --runner docker needs a tracking server "
+            "(http://host:port) that the containers reach; start one with 'mlflow server'"
+        )
+    try:
+        docker_client().images.get(image)
+    except docker.errors.ImageNotFound:
+        raise UserError(
+            f"--image {image}: not in the local Docker engine; build it with 'atmask image build "
+            "--repository REPO --tag TAG --no-compile' and pass --image REPO:TAG"
+        ) from None
