@@ -292,7 +292,7 @@ def local_arguments(
     tiny: bool,
     seeds: list[int] | None = None,
     dvc_remote: str | None = None,
-    tracking_uri: str | None = None,
+    tracking_uri: str = "",
 ) -> dict[str, Any]:
     """run-local's arguments: the local profile (train.recipe) on one process, the data version of
     dvc.lock pulled from the DVC remote (S3 or a folder) into workdir/datasets, checkpoints in the workdir."""
@@ -319,7 +319,7 @@ def local_arguments(
         "recipe": load_params(params_path).recipe,  # the local profile
         "gpus_per_node": 1,
         "nodes": 1,
-        "mlflow_tracking_uri": tracking_uri or f"sqlite:///{workdir.resolve() / 'mlflow.db'}",
+        "mlflow_tracking_uri": tracking_uri,
         "overrides": json.dumps(LOCAL_OVERRIDES if tiny else {}),
         "data_root": str(workdir / "datasets"),  # stands in for the datasets PVC
         "checkpoint_root": str(workdir / "checkpoints"),  # stands in for the runs PVC
@@ -397,7 +397,7 @@ def local_runner(kind: str, image: str, arguments: dict[str, Any], workdir: Path
 
     remote = arguments["dvc_remote"]
     read_only = [] if "://" in remote else [Path(remote)]
-    return docker_runner(image, arguments["mlflow_tracking_uri"], folders, read_only)
+    return docker_runner(image, folders, read_only)
 
 
 def collect_outputs(run_root: Path, workdir: Path) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from components.errors import UserError
+from pipelines.runtime import RUN_ID_ENV
 
 # what the cluster's Secrets give the pods (pipelines.pipeline.use_secrets), passed on from this environment
 DOCKER_ENV = (
@@ -22,24 +23,22 @@ DOCKER_ENV = (
     "AWS_SECRET_ACCESS_KEY",
     "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
-    "ATMASK_PIPELINE_RUN_ID",  # a pod's run-id label on the cluster (pipelines.runtime.RUN_ID_ENV)
+    RUN_ID_ENV,  # a pod's run-id label on the cluster
 )
 POD_USER = "10001:10001"  # the image's user, the pods' runAsUser/runAsGroup (k8s/)
 
 
-def docker_runner(
-    image: str, tracking_uri: str, volumes: list[Path], read_only: list[Path] | None = None
-) -> Any:
+def docker_runner(image: str, volumes: list[Path], read_only: list[Path] | None = None) -> Any:
     """``kfp.local.DockerRunner`` running each component as its pod runs on Kubernetes: the component's
     command replaces the image's ENTRYPOINT (kfp.local appends it otherwise), read-only root with a tmpfs
     /tmp, no capabilities, no privilege escalation, a non-root user; host network, so the tasks reach the
-    tracking server at the address given here. ``volumes`` are mounted at the same paths and made the pod
+    tracking server. ``volumes`` are mounted at the same paths and made the pod
     user's (as the pods' fsGroup does), or the tasks run as this user when it is not root; ``read_only``
-    folders (a folder DVC remote) are mounted read-only and left as they are."""
+    folders (a folder DVC remote) are mounted read-only and left as they are. The caller checks
+    the image and the tracking server's URL first (:func:`check_inputs`)."""
     import docker
     from kfp import local
 
-    check_inputs(image, tracking_uri)
     user = POD_USER
     for path in volumes:
         path.mkdir(parents=True, exist_ok=True)
