@@ -41,7 +41,7 @@ from components.provenance import git_commit
 from components.run_layout import INFO_FILE, METRICS_FILE
 from components.tracking import check_reachable, mlflow_key, read_mlflow_run, tracking_uri
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGES_ROOT = Path(__file__).resolve().parents[1]  # model/ and components/ as installed
 CHAMPION, CHALLENGER = "champion", "challenger"
 ELIGIBLE_TAG = "gate_eligible"  # version tag: "true" when it beats its own run set's baseline
 FLOOR_TAG = "champion_floor"  # registered-model tag set by `atmask promote`: versions <= it are not eligible
@@ -147,7 +147,7 @@ def current_champion(client: Any, name: str, metric: str) -> tuple[str, float] |
 def version_tags(cand: Candidate, sha: str, pipeline_run_id: str | None) -> dict[str, str]:
     tags = {
         "ablation": cand.ablation,
-        "git_commit": git_commit(REPO_ROOT),
+        "git_commit": git_commit(),
         "data_hash": str(cand.info.get("data_checksum") or "unknown"),
         "pipeline_run_id": pipeline_run_id or "none",
         "model_sha256": sha,
@@ -241,7 +241,7 @@ def pyfunc_spec(model_pt: Path, limits: ImageLimits | None = None) -> dict[str, 
     return {
         "python_model": pyfunc_model.ATMaskPyfunc(),
         "artifacts": {"model_pt": str(model_pt)},
-        "code_paths": [str(REPO_ROOT / "components"), str(REPO_ROOT / "model")],
+        "code_paths": [str(PACKAGES_ROOT / "components"), str(PACKAGES_ROOT / "model")],
         "signature": signature,
         "input_example": example,
         "pip_requirements": requirements(),

@@ -26,7 +26,7 @@ import yaml
 from components.errors import UserError
 from components.io import write_json_atomic
 from components.run_layout import METRICS_FILE
-from pipelines.names import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME
+from pipelines.names import COMPILED, DEFAULT_IMAGE, PIPELINE_NAME, compiled_pipeline
 
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 RUNNER_SA = "atmask-pipeline-runner"  # k8s/base/rbac.yaml
@@ -60,7 +60,7 @@ LOCAL_ABLATIONS = ["baseline", "atmask"]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True, metavar="{compile,submit,run-local}")
     comp = sub.add_parser("compile", help="write the compiled pipeline YAML")
-    comp.add_argument("--out", type=Path, default=COMPILED, help=f"output (default: {COMPILED.name})")
+    comp.add_argument("--out", type=Path, help=f"output (default: the checkout's pipelines/{COMPILED.name})")
     comp.add_argument("--image", help="image for every component (default: the one in the compiled YAML)")
     comp.add_argument("--params", type=Path, default=Path("params.yaml"), help="defaults of the parameters")
     comp.add_argument(
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub_.add_argument("--experiment", default="atmask-ablations", help="KFP experiment name")
     sub_.add_argument("--run-name", help="name of the run (default: atmask-ablation-<time>)")
     sub_.add_argument("--param", action="append", default=[], metavar="K=V", help="pipeline parameter")
-    sub_.add_argument("--package", type=Path, default=COMPILED, help="compiled pipeline YAML")
+    sub_.add_argument("--package", type=Path, help=f"compiled pipeline YAML (default: {COMPILED.name})")
     sub_.add_argument("--token-env", default=TOKEN_ENV, help=f"env var with the bearer token ({TOKEN_ENV})")
     sub_.add_argument("--namespace", help="profile namespace (multi-user KFP; default: the kube context's)")
     sub_.add_argument(
@@ -124,8 +124,9 @@ def run_compile(args: argparse.Namespace) -> int:
 
     if args.gpus is not None and args.gpus < 1:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
-    image = args.image or pl.compiled_image(COMPILED) or DEFAULT_IMAGE
-    out = pl.compile_pipeline(args.out, image, args.params, pl.GpuResources(gpus=args.gpus))
+    committed = compiled_pipeline()
+    image = args.image or pl.compiled_image(committed) or DEFAULT_IMAGE
+    out = pl.compile_pipeline(args.out or committed, image, args.params, pl.GpuResources(gpus=args.gpus))
     print(f"wrote {out} (image {image})")
     return 0
 
@@ -244,6 +245,7 @@ def submit_namespace(args: argparse.Namespace, health: dict[str, Any]) -> str | 
 
 
 def run_submit(args: argparse.Namespace) -> int:
+    args.package = args.package or compiled_pipeline()
     declared = declared_parameters(args.package)
     arguments = submit_arguments(args, declared)
     token = os.environ.get(args.token_env) or None
@@ -339,7 +341,7 @@ def run_local(args: argparse.Namespace) -> int:
     from pipelines import runtime
 
     workdir = args.workdir.resolve()
-    image = args.image or pl.compiled_image() or DEFAULT_IMAGE
+    image = args.image or pl.compiled_image(compiled_pipeline()) or DEFAULT_IMAGE
     tracking_uri = args.mlflow_tracking_uri or f"sqlite:///{workdir / 'mlflow.db'}"
     if args.runner == "docker":  # before dvc.lock is read or any folder made
         from pipelines.local_docker import check_inputs

@@ -22,11 +22,10 @@ import yaml
 
 from components.errors import UserError
 from components.io import write_text_atomic
-from pipelines.names import COMPILED, DEFAULT_REPOSITORY
+from pipelines.names import COMPILED, DEFAULT_REPOSITORY, project_root
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"atmask": DEFAULT_REPOSITORY, "mlflow": "ghcr.io/atmask-rcnn/atmask-mlflow"}
-WHEELHOUSE = REPO_ROOT / "wheelhouse"  # the build context's optional offline wheels (git-ignored)
+WHEELHOUSE = "wheelhouse"  # the build context's optional offline wheels (git-ignored)
 CLI_ENV = "ATMASK_DOCKER_CLI"  # a docker client to use instead of the first suitable one
 SYSTEM_DOCKER = "/usr/bin/docker"  # Debian's docker.io client (20.10: BuildKit without buildx)
 # a Docker repository reference: [host[:port]/]path (lower case), no tag or digest
@@ -53,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help="default GPUs per node when recompiling (default: params.yaml cluster.gpus_per_node)",
         )
         p.add_argument("--no-compile", action="store_true", help="leave the compiled pipeline as it is")
+        p.add_argument(
+            "--context",
+            type=Path,
+            help="the project checkout (build context; default: the one holding the working directory)",
+        )
         if name == "build":
             add_build_arguments(p)
 
@@ -69,20 +73,34 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.gpus is not None and args.gpus < 1:
         raise UserError(f"--gpus: must be >= 1, got {args.gpus}")
-    ref = image_ref(args.repository or TARGETS[args.target], args.tag or git_tag(REPO_ROOT))
+    context = build_context(args.context)
+    ref = image_ref(args.repository or TARGETS[args.target], args.tag or git_tag(context))
     client = docker_client()
     if args.action == "build":
-        build(client, ref, build_options(args, client))
+        build(client, ref, context, build_options(args, client, context))
         final = ref
     else:
         final = push(client, ref)
     if args.target == "atmask" and not args.no_compile:
-        out = use_image(final, args.pipeline, args.params, args.gpus)
+        pipeline = args.pipeline or context / "pipelines" / COMPILED.name
+        out = use_image(final, pipeline, args.params, args.gpus)
         print(f"{out}: components now run in {final}")
     if "@" in final:
-        for overlay in pin_overlays(final, REPO_ROOT / "k8s" / "overlays", TARGETS[args.target]):
+        for overlay in pin_overlays(final, context / "k8s" / "overlays", TARGETS[args.target]):
             print(f"{overlay}: workloads now run in {final}")
     return 0
+
+
+def build_context(given: Path | None) -> Path:
+    """The checkout the images are built from (its Dockerfile, k8s overlays and compiled pipeline)."""
+    root = project_root(given)
+    if root is None:
+        where = f"--context {given}" if given else f"the working directory {Path.cwd()}"
+        raise UserError(
+            f"{where}: not a checkout of the project (no Dockerfile, dvc.yaml and pipelines/ there); "
+            "run 'atmask image' inside the repository or pass --context with its path"
+        )
+    return root
 
 
 def image_ref(repository: str, tag: str) -> str:
@@ -123,14 +141,14 @@ def docker_client() -> Any:
 # ------------------------------------------------------------------ build
 
 
-def build_options(args: argparse.Namespace, client: Any) -> list[str]:
+def build_options(args: argparse.Namespace, client: Any, context: Path) -> list[str]:
     """``docker build`` options for the target, the build arguments and the secret; inputs checked first."""
     options = ["--target", args.target]
     if args.base_image:
         ensure_base_image(client, args.base_image)
         options += ["--build-arg", f"BASE_IMAGE={args.base_image}"]
     else:
-        ensure_base_image(client, dockerfile_default("BASE_IMAGE"))
+        ensure_base_image(client, dockerfile_default("BASE_IMAGE", context / "Dockerfile"))
     if args.torch_index_url:
         if not re.match(r"^(https?|file)://\S+$", args.torch_index_url):
             raise UserError(
@@ -139,14 +157,15 @@ def build_options(args: argparse.Namespace, client: Any) -> list[str]:
         options += ["--build-arg", f"TORCH_INDEX_URL={args.torch_index_url}"]
     if args.ca_file:
         options += ["--secret", f"id=ca,src={check_ca_file(args.ca_file)}"]
+    wheelhouse = context / WHEELHOUSE
     if args.wheelhouse:
-        fill_wheelhouse(args.wheelhouse, WHEELHOUSE)
-    elif any(WHEELHOUSE.glob("*.whl")):
-        print(f"note: {WHEELHOUSE} holds wheels, so pip installs from them only (offline build)")
+        fill_wheelhouse(args.wheelhouse, wheelhouse)
+    elif any(wheelhouse.glob("*.whl")):
+        print(f"note: {wheelhouse} holds wheels, so pip installs from them only (offline build)")
     return options
 
 
-def dockerfile_default(name: str, dockerfile: Path = REPO_ROOT / "Dockerfile") -> str:
+def dockerfile_default(name: str, dockerfile: Path) -> str:
     found = re.search(rf"^ARG {name}=(\S+)$", dockerfile.read_text(encoding="utf-8"), re.MULTILINE)
     if not found:
         raise UserError(f"{dockerfile}: no 'ARG {name}=' default; pass it explicitly")
@@ -232,11 +251,11 @@ def _quiet(cmd: list[str], env: dict[str, str]) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def build(client: Any, ref: str, options: list[str] | None = None) -> None:
-    """BuildKit build of the Dockerfile at the repository root as ``ref``; its log streams to stdout."""
+def build(client: Any, ref: str, context: Path, options: list[str] | None = None) -> None:
+    """BuildKit build of the checkout ``context``'s Dockerfile as ``ref``; its log streams to stdout."""
     cli, env = buildkit_cli()
-    cmd = [*cli, "--progress", "plain", "--file", str(REPO_ROOT / "Dockerfile"), *(options or [])]
-    cmd += ["--tag", ref, str(REPO_ROOT)]
+    cmd = [*cli, "--progress", "plain", "--file", str(context / "Dockerfile"), *(options or [])]
+    cmd += ["--tag", ref, str(context)]
     print(f"building {ref}: {' '.join(cmd[:2])} ... {' '.join(options or [])}", flush=True)
     start = time.monotonic()
     tail: list[str] = []

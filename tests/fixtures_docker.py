@@ -98,9 +98,10 @@ def build_image(target: str, log: Path, extra: list[str] | None = None) -> subpr
         cmd += ["--torch-index-url", os.environ.get("ATMASK_TEST_TORCH_INDEX_URL", "https://pypi.org/simple")]
     if os.environ.get("ATMASK_TEST_WHEELHOUSE"):
         cmd += ["--wheelhouse", os.environ["ATMASK_TEST_WHEELHOUSE"]]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    with open(log, "w") as out:
-        proc = subprocess.run([*cmd, *(extra or [])], stdout=out, stderr=subprocess.PIPE, text=True, env=env)
+    with open(log, "w") as out:  # the installed package, run in the checkout (no PYTHONPATH): as users do
+        proc = subprocess.run(
+            [*cmd, *(extra or [])], stdout=out, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT
+        )
     return proc
 
 

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from components.errors import UserError
-from pipelines import image
+from pipelines import image, names
 from pipelines.main import main as atmask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,8 +307,31 @@ def test_build_inputs_are_checked_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "wheelhouse" / "old-1.0-py3-none-any.whl").write_text("y")
     image.fill_wheelhouse(tmp_path / "w", tmp_path / "wheelhouse")
     assert [p.name for p in (tmp_path / "wheelhouse").iterdir()] == ["a-1.0-py3-none-any.whl"]
-    assert image.dockerfile_default("BASE_IMAGE").startswith("python:3.11-slim-bookworm@sha256:")
-    assert image.dockerfile_default("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cu130"
+    assert image.dockerfile_default("BASE_IMAGE", ROOT / "Dockerfile").startswith(
+        "python:3.11-slim-bookworm@sha256:"
+    )
+    assert (
+        image.dockerfile_default("TORCH_INDEX_URL", ROOT / "Dockerfile")
+        == "https://download.pytorch.org/whl/cu130"
+    )
+
+
+def test_image_and_compile_work_on_the_checkout_not_the_installed_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The package is installed (not editable) in CI and in the image: the Dockerfile, the k8s overlays and
+    the compiled pipeline a command builds from or writes are the checkout's, found from the working
+    directory, never site-packages' (CI once failed on a Dockerfile looked for next to the package)."""
+    monkeypatch.chdir(tmp_path)
+    assert atmask(["image", "build", "--no-compile", "--tag", "t"]) == 1
+    err = capsys.readouterr().err
+    assert f"the working directory {tmp_path}: not a checkout of the project" in err
+    assert "--context" in err and "Traceback" not in err
+    assert names.compiled_pipeline() == names.COMPILED  # outside a checkout: the installed copy
+    assert image.build_context(ROOT / "k8s" / "base") == ROOT
+    monkeypatch.chdir(ROOT / "pipelines")
+    assert image.build_context(None) == ROOT
+    assert names.compiled_pipeline() == ROOT / "pipelines" / names.COMPILED.name
 
 
 def test_buildkit_client_is_buildx_or_a_20_10_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
