@@ -31,7 +31,7 @@ from components import distributed as dist_utils
 from components.params import load_params
 from components.train_loop import LoopSettings, build_loop, step
 from components.train_recipe import amp_dtype, make_loader, to_device
-from model.data import CocoInstances, collate
+from model.data import CocoInstances, DetectionLoader
 
 ABLATIONS = ("baseline", "atmask")
 REPO = Path(__file__).resolve().parents[1]
@@ -80,11 +80,10 @@ def loader_for(args: argparse.Namespace, cfg, tp, info) -> tuple[torch.utils.dat
         return make_loader(dataset, tp, info, 0), dataset.categories.num_classes
     data = RandomInstances(cfg.min_size, cfg.max_size, num_classes=3)
     sampler = torch.utils.data.BatchSampler(itertools.count(), tp.batch_size, drop_last=True)
-    loader = torch.utils.data.DataLoader(
+    loader = DetectionLoader(
         data,
         batch_sampler=sampler,
         num_workers=tp.workers,
-        collate_fn=collate,
         pin_memory=info.device.type == "cuda",
         persistent_workers=tp.workers > 0,
     )

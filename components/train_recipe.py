@@ -17,7 +17,7 @@ from components import distributed as dist_utils
 from components.errors import UserError
 from components.params import TrainParams
 from components.run_layout import MANIFEST_FILE
-from model.data import CocoInstances, collate, to_float_image, train_transforms
+from model.data import CocoInstances, DetectionLoader, to_float_image, train_transforms
 
 
 def lr_factor(iteration: int, tp: TrainParams) -> float:
@@ -124,11 +124,10 @@ def make_loader(
         start,
     )
     samples = SeededSamples(dataset, train_transforms(tp.hflip_prob))  # the model's transform resizes
-    return torch.utils.data.DataLoader(
+    return DetectionLoader(
         samples,
         batch_sampler=sampler,
         num_workers=tp.workers,
-        collate_fn=collate,
         pin_memory=info.device.type == "cuda",
         persistent_workers=tp.workers > 0,
         # Its own generator: drawing the workers' base seed must not advance the global RNG that the

@@ -32,6 +32,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from torchvision.io import ImageReadMode, decode_image
 
+from model.packing import PackingCollate, unpack
+
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target, torch.Generator], tuple[torch.Tensor, Target]]
 
@@ -217,6 +219,19 @@ def collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Te
     return list(images), list(targets)
 
 
+class DetectionLoader(DataLoader):
+    """A DataLoader whose workers hand over each batch as one packed buffer (:mod:`model.packing`) and whose
+    iterator gives back the ordinary batch: the same values as with ``num_workers=0``."""
+
+    def __init__(self, dataset: Dataset, *, collate_fn: Callable = collate, **kwargs: Any):
+        workers = kwargs.get("num_workers", 0)
+        super().__init__(dataset, collate_fn=PackingCollate(collate_fn) if workers else collate_fn, **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        return map(unpack, batches) if self.num_workers else batches
+
+
 def aspect_ratio_groups(ratios: Sequence[float]) -> list[int]:
     """Group 0: portrait (w < h), group 1: landscape or square, like Detectron2's grouping."""
     return [0 if r < 1.0 else 1 for r in ratios]
@@ -300,11 +315,10 @@ def make_loader(
         from torch.utils.data import BatchSampler
 
         batch_sampler = BatchSampler(sampler, batch_size, drop_last)
-    return DataLoader(
+    return DetectionLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=workers,
-        collate_fn=collate,
         worker_init_fn=seed_worker,
         generator=gen,
         persistent_workers=False,

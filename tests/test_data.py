@@ -226,20 +226,22 @@ def loader_batches(
 ) -> list[tuple[list[int], list[torch.Tensor], list[torch.Tensor]]]:
     ds = CocoInstances.from_root(root, "train", transforms=train_transforms(), seed=7)
     loader = make_loader(ds, batch_size=2, shuffle=True, workers=workers, seed=5)
-    return [
-        ([t["image_id"] for t in targets], images, [t["masks"] for t in targets])
-        for images, targets in loader
-    ]
+    return [([t["image_id"] for t in targets], images, targets) for images, targets in loader]
 
 
-def test_loader_is_deterministic_whatever_the_number_of_workers(synthetic_root):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_loader_is_deterministic_whatever_the_number_of_workers(synthetic_root, workers):
+    """Workers hand over packed batches (model/packing.py): unpacked, every field equals workers=0's."""
     serial = loader_batches(synthetic_root, 0)
-    parallel = loader_batches(synthetic_root, 1)
+    parallel = loader_batches(synthetic_root, workers)
     assert len(serial) == 3 and sorted(i for ids, _, _ in serial for i in ids) == [1, 2, 3, 4, 5, 6]
     assert [ids for ids, _, _ in serial] == [ids for ids, _, _ in parallel]
-    for (_, img_a, masks_a), (_, img_b, masks_b) in zip(serial, parallel, strict=True):
+    for (_, img_a, tgt_a), (_, img_b, tgt_b) in zip(serial, parallel, strict=True):
         assert all(x.dtype == torch.uint8 and torch.equal(x, y) for x, y in zip(img_a, img_b, strict=True))
-        assert all(torch.equal(x, y) for x, y in zip(masks_a, masks_b, strict=True))
+        for a, b in zip(tgt_a, tgt_b, strict=True):
+            assert a.keys() == b.keys() and a["image_id"] == b["image_id"]
+            tensors = [k for k, v in a.items() if isinstance(v, torch.Tensor)]
+            assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in tensors)
     assert [ids for ids, _, _ in serial] != [[1, 2], [3, 4], [5, 6]]  # shuffled
 
 
