@@ -16,11 +16,12 @@ import torch
 from fixtures_train import write_params
 
 from components import checkpoint as ckpt
+from components.distributed import DistInfo
 from components.errors import UserError
 from components.params import TrainParams, load_params
 from components.train import PREEMPTED_EXIT_CODE, train
 from components.train_loop import LoopHooks
-from components.train_recipe import lr_factor, scaled_lr
+from components.train_recipe import load_train_set, lr_factor, make_loader, scaled_lr
 from model import build_model
 from model.data import CocoInstances, collate, to_float_image
 from pipelines.main import main
@@ -115,6 +116,27 @@ def test_lr_is_scaled_linearly_with_the_global_batch_and_said_so() -> None:
 
 
 # ---------------------------------------------------------------- learning and outputs
+
+
+def test_training_loader_gives_the_same_batches_with_workers_from_any_start(tiny_coco: Path) -> None:
+    """The loader training uses: workers hand over packed batches; from a resume point, every tensor of
+    the next batches equals what workers=0 gives (so a resumed run sees the same data either way)."""
+    dataset = load_train_set(tiny_coco)
+
+    def batches(workers: int, start: int) -> list:
+        tp = TrainParams(batch_size=3, workers=workers, seed=4)
+        loader = iter(make_loader(dataset, tp, DistInfo(), start))
+        return [next(loader) for _ in range(4)]
+
+    for start in (0, 5):
+        serial, parallel = batches(0, start), batches(2, start)
+        for (images_a, targets_a), (images_b, targets_b) in zip(serial, parallel, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(images_a, images_b, strict=True))
+            for a, b in zip(targets_a, targets_b, strict=True):
+                assert a["image_id"] == b["image_id"]
+                assert all(
+                    torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in ("boxes", "masks", "labels")
+                )
 
 
 @pytest.mark.slow
