@@ -32,7 +32,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from torchvision.io import ImageReadMode, decode_image
 
-from model.packing import PackingCollate, unpack
+from model.packing import PackingCollate, Receiver, release_queues
 
 Target = dict[str, Any]
 Transform = Callable[[torch.Tensor, Target, torch.Generator], tuple[torch.Tensor, Target]]
@@ -220,16 +220,23 @@ def collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Te
 
 
 class DetectionLoader(DataLoader):
-    """A DataLoader whose workers hand over each batch as one packed buffer (:mod:`model.packing`) and whose
-    iterator gives back the ordinary batch: the same values as with ``num_workers=0``."""
+    """A DataLoader whose workers hand over each batch packed in a reused shared-memory buffer
+    (:mod:`model.packing`) and whose iterator gives back the ordinary batch: the same values as with
+    ``num_workers=0``. With workers, ``pin_memory`` pins while copying the batch out of the buffer."""
 
     def __init__(self, dataset: Dataset, *, collate_fn: Callable = collate, **kwargs: Any):
         workers = kwargs.get("num_workers", 0)
-        super().__init__(dataset, collate_fn=PackingCollate(collate_fn) if workers else collate_fn, **kwargs)
+        self._receiver = None
+        if workers:
+            releases = release_queues(workers, kwargs.get("multiprocessing_context"))
+            pool = kwargs.get("prefetch_factor") or 2
+            self._receiver = Receiver(releases, pin=kwargs.pop("pin_memory", False))
+            collate_fn = PackingCollate(collate_fn, releases, pool_size=pool + 2)
+        super().__init__(dataset, collate_fn=collate_fn, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
         batches = super().__iter__()
-        return map(unpack, batches) if self.num_workers else batches
+        return map(self._receiver, batches) if self._receiver else batches
 
 
 def aspect_ratio_groups(ratios: Sequence[float]) -> list[int]:
