@@ -70,7 +70,7 @@ def plan(batch: Any) -> tuple[Any, list[tuple[Slot, torch.Tensor]], int]:
         end += -(-slot.nbytes // ALIGN) * ALIGN
         return slot
 
-    return _map_tensors(batch, place), placed, end
+    return _map(batch, torch.Tensor, place), placed, end
 
 
 def write(placed: list[tuple[Slot, torch.Tensor]], buffer: torch.Tensor) -> None:
@@ -92,26 +92,17 @@ def unpack(packed: PackedBatch) -> Any:
         dense = data.view(slot.dtype).view(slot.shape)
         return dense.permute(tuple(slot.order.index(d) for d in range(len(slot.order))))
 
-    return _map_slots(packed.layout, view)
+    return _map(packed.layout, Slot, view)
 
 
-def _map_tensors(node: Any, fn: Callable[[torch.Tensor], Slot]) -> Any:
-    if isinstance(node, torch.Tensor):
+def _map(node: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
+    """``node`` with every ``leaf`` inside dicts, lists and tuples replaced by ``fn(leaf)``."""
+    if isinstance(node, leaf):
         return fn(node)
     if isinstance(node, dict):
-        return {k: _map_tensors(v, fn) for k, v in node.items()}
+        return {k: _map(v, leaf, fn) for k, v in node.items()}
     if isinstance(node, list | tuple):
-        return type(node)(_map_tensors(v, fn) for v in node)
-    return node
-
-
-def _map_slots(node: Any, fn: Callable[[Slot], torch.Tensor]) -> Any:
-    if isinstance(node, Slot):
-        return fn(node)
-    if isinstance(node, dict):
-        return {k: _map_slots(v, fn) for k, v in node.items()}
-    if isinstance(node, list | tuple):
-        return type(node)(_map_slots(v, fn) for v in node)
+        return type(node)(_map(v, leaf, fn) for v in node)
     return node
 
 
