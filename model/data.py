@@ -222,21 +222,29 @@ def collate(batch: Sequence[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Te
 class DetectionLoader(DataLoader):
     """A DataLoader whose workers hand over each batch packed in a reused shared-memory buffer
     (:mod:`model.packing`) and whose iterator gives back the ordinary batch: the same values as with
-    ``num_workers=0``. With workers, ``pin_memory`` pins while copying the batch out of the buffer."""
+    ``num_workers=0``. With workers, ``pin_memory`` pins while copying the batch out of the buffer.
+
+    Each set of worker processes gets its own buffers, queues and receiver (a new set per iterator, or one
+    for the loader's life with ``persistent_workers``). A batch in flight when an iteration is abandoned
+    keeps its buffer; a worker whose buffers are all out uses one-off ones (correct, slower)."""
 
     def __init__(self, dataset: Dataset, *, collate_fn: Callable = collate, **kwargs: Any):
-        workers = kwargs.get("num_workers", 0)
-        self._receiver = None
-        if workers:
-            releases = release_queues(workers, kwargs.get("multiprocessing_context"))
-            pool = kwargs.get("prefetch_factor") or 2
-            self._receiver = Receiver(releases, pin=kwargs.pop("pin_memory", False))
-            collate_fn = PackingCollate(collate_fn, releases, pool_size=pool + 2)
+        self._collate_samples = collate_fn
+        self._pin_while_copying = (
+            bool(kwargs.pop("pin_memory", False)) if kwargs.get("num_workers") else False
+        )
+        self._receiver: Receiver | None = None
         super().__init__(dataset, collate_fn=collate_fn, **kwargs)
 
     def __iter__(self) -> Iterator[Any]:
-        batches = super().__iter__()
-        return map(self._receiver, batches) if self._receiver else batches
+        if not self.num_workers:
+            return super().__iter__()
+        if self._receiver is None or not self.persistent_workers:  # new worker processes start below
+            releases = release_queues(self.num_workers, self.multiprocessing_context)
+            pool = (self.prefetch_factor or 2) + 2
+            self.collate_fn = PackingCollate(self._collate_samples, releases, pool_size=pool)
+            self._receiver = Receiver(releases, pin=self._pin_while_copying)
+        return map(self._receiver, super().__iter__())
 
 
 def aspect_ratio_groups(ratios: Sequence[float]) -> list[int]:

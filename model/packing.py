@@ -6,7 +6,8 @@ detection batch holds six tensors per sample (image, masks, boxes, labels, area,
 machine moving them cost more than decoding them (one worker was slower than none).
 
 Here a worker packs every tensor of a batch into one uint8 buffer (:func:`pack`, :func:`unpack`: the same
-structure back as views, equal values, dtypes, shapes and strides) taken from a small pool of shared-memory buffers
+structure back as views: equal values, dtypes and shapes, and the same strides for any tensor whose memory
+is dense, such as a permuted one; sliced or expanded tensors come back contiguous) taken from a small pool of shared-memory buffers
 it reuses (:class:`PackingCollate`). A buffer's descriptor is sent once; after that a batch is a few
 hundred bytes naming the buffer and its layout. The training process copies the batch out (into pinned
 memory when the batch goes to a GPU, the copy it needs anyway) and hands the buffer back to its worker
@@ -16,7 +17,6 @@ memory when the batch goes to a GPU, the copy it needs anyway) and hands the buf
 from __future__ import annotations
 
 import multiprocessing
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -76,7 +76,9 @@ def plan(batch: Any) -> tuple[Any, list[tuple[Slot, torch.Tensor]], int]:
 def write(placed: list[tuple[Slot, torch.Tensor]], buffer: torch.Tensor) -> None:
     for slot, tensor in placed:
         if slot.nbytes:
-            buffer[slot.offset : slot.offset + slot.nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
+            flat = tensor.reshape(-1)
+            flat = flat if tensor.numel() > 1 else flat.new_empty(flat.shape).copy_(flat)  # stride 1
+            buffer[slot.offset : slot.offset + slot.nbytes].copy_(flat.view(torch.uint8))
 
 
 def pack(batch: Any) -> PackedBatch:
@@ -101,6 +103,8 @@ def _map(node: Any, leaf: type, fn: Callable[[Any], Any]) -> Any:
         return fn(node)
     if isinstance(node, dict):
         return {k: _map(v, leaf, fn) for k, v in node.items()}
+    if isinstance(node, tuple) and hasattr(node, "_fields"):  # a namedtuple
+        return type(node)(*(_map(v, leaf, fn) for v in node))
     if isinstance(node, list | tuple):
         return type(node)(_map(v, leaf, fn) for v in node)
     return node
@@ -115,7 +119,6 @@ class Shipment:
     trip; None afterwards, the receiver has it mapped) or, with ``index`` None, in a one-off buffer."""
 
     worker: int
-    pid: int
     index: int | None
     buffer: torch.Tensor | None
     nbytes: int
@@ -151,17 +154,15 @@ class PackingCollate:
         buffer = self._pool[index] if index is not None else _shared_bytes(nbytes)
         write(placed, buffer)
         if index is None:
-            return Shipment(info.id, os.getpid(), None, buffer, nbytes, layout)
+            return Shipment(info.id, None, buffer, nbytes, layout)
         self._out.add(index)
         first_trip = index not in self._sent
         self._sent.add(index)
-        return Shipment(info.id, os.getpid(), index, buffer if first_trip else None, nbytes, layout)
+        return Shipment(info.id, index, buffer if first_trip else None, nbytes, layout)
 
     def _take_back(self, queue: Any) -> None:
         while not queue.empty():
-            pid, index = queue.get()
-            if pid == os.getpid():  # not a message meant for an earlier worker of this slot
-                self._out.discard(index)
+            self._out.discard(queue.get())
 
     def _buffer_for(self, nbytes: int) -> int | None:
         free = [i for i in range(len(self._pool)) if i not in self._out]
@@ -182,33 +183,33 @@ class PackingCollate:
 
 class Receiver:
     """The training process's side: copies each shipment out (into pinned memory when ``pin``), hands the
-    buffer back to its worker, returns the batch. Keeps each pool buffer mapped while its worker lives."""
+    buffer back to its worker, returns the batch. One per set of worker processes (their queues and
+    buffers are theirs alone); keeps each pool buffer mapped while they live."""
 
     def __init__(self, releases: list[Any], pin: bool = False):
         self.releases, self.pin = releases, pin
         self._mapped: dict[tuple[int, int], torch.Tensor] = {}
-        self._pid_of: dict[int, int] = {}
         self.trips = {"first": 0, "reused": 0, "one-off": 0}  # how batches arrived (tests, benchmarks)
 
     def __call__(self, item: Any) -> Any:
         if not isinstance(item, Shipment):
             return item
-        if self._pid_of.get(item.worker) != item.pid:  # a new worker process: forget the old one's buffers
-            old = self._pid_of.get(item.worker)
-            self._mapped = {k: v for k, v in self._mapped.items() if k[0] != old}
-            self._pid_of[item.worker] = item.pid
         source = item.buffer
         self.trips["one-off" if item.index is None else "first" if item.buffer is not None else "reused"] += 1
         if item.index is not None:
-            key = (item.pid, item.index)
+            key = (item.worker, item.index)
             if item.buffer is not None:
                 self._mapped[key] = item.buffer
-            source = self._mapped[key]
-        assert source is not None, "a pool buffer arrived without ever being sent"
+            source = self._mapped.get(key)
+        if source is None:
+            raise RuntimeError(
+                f"DataLoader worker {item.worker} reused buffer {item.index}, which never reached this process "
+                "(a worker shared between loaders?)"
+            )
         private = torch.empty(item.nbytes, dtype=torch.uint8, pin_memory=self.pin)
         private.copy_(source[: item.nbytes])
         if item.index is not None:
-            self.releases[item.worker].put((item.pid, item.index))
+            self.releases[item.worker].put(item.index)
         return unpack(PackedBatch(private, item.layout))
 
 
