@@ -144,10 +144,17 @@ def current_champion(client: Any, name: str, metric: str) -> tuple[str, float] |
 # ------------------------------------------------------------------ MLflow
 
 
+def code_commit() -> str:
+    """The commit of the checkout the installed code lives in (a venv inside the repository), else of the
+    working directory's; $ATMASK_GIT_COMMIT in images."""
+    commit = git_commit(PACKAGES_ROOT)
+    return commit if commit != "unknown" else git_commit()
+
+
 def version_tags(cand: Candidate, sha: str, pipeline_run_id: str | None) -> dict[str, str]:
     tags = {
         "ablation": cand.ablation,
-        "git_commit": git_commit(),
+        "git_commit": code_commit(),
         "data_hash": str(cand.info.get("data_checksum") or "unknown"),
         "pipeline_run_id": pipeline_run_id or "none",
         "model_sha256": sha,
