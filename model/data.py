@@ -6,9 +6,10 @@ dict with ``boxes`` float32 [N, 4] (XYXY, pixels), ``labels`` int64 [N] (contigu
 crowd regions are not training targets; they stay in the annotation files for evaluation).
 
 Workers only decode and flip: samples cross the process boundary and the host-to-device copy as uint8
-(a quarter of float32's bytes), each batch packed into one shared-memory buffer (:class:`DetectionLoader`). :func:`to_float_image` turns them into the float [0, 1] images torchvision's
-detection transform takes, on the training device, right after the copy; that transform then normalises
-and resizes them (shortest side ``min_size``, longest <= ``max_size``): the one resize, on the device.
+(a quarter of float32's bytes), each batch packed into one shared-memory buffer (:class:`DetectionLoader`).
+:func:`to_float_image` turns them into the float [0, 1] images torchvision's detection transform takes, on
+the training device, right after the copy; that transform then normalises and resizes them (shortest side
+``min_size``, longest <= ``max_size``): the one resize, on the device.
 
 Augmentation is deterministic: each sample draws from its own generator seeded by (seed, epoch, index), so
 the same seed gives the same batches whatever the number of workers.

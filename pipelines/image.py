@@ -22,7 +22,7 @@ import yaml
 
 from components.errors import UserError
 from components.io import write_text_atomic
-from pipelines.names import COMPILED, DEFAULT_REPOSITORY, project_root
+from pipelines.names import DEFAULT_REPOSITORY, compiled_pipeline, project_root
 
 TARGETS = {"atmask": DEFAULT_REPOSITORY, "mlflow": "ghcr.io/atmask-rcnn/atmask-mlflow"}
 WHEELHOUSE = "wheelhouse"  # the build context's optional offline wheels (git-ignored)
@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         final = push(client, ref)
     if args.target == "atmask" and not args.no_compile:
-        pipeline = args.pipeline or context / "pipelines" / COMPILED.name
-        out = use_image(final, pipeline, args.params, args.gpus)
+        out = use_image(final, args.pipeline or compiled_pipeline(context), args.params, args.gpus)
         print(f"{out}: components now run in {final}")
     if "@" in final:
         for overlay in pin_overlays(final, context / "k8s" / "overlays", TARGETS[args.target]):
@@ -313,12 +312,10 @@ def pushed_digest(ref: str, events: list[dict[str, Any]]) -> str:
     return f"{ref.rsplit(':', 1)[0]}@{digests[-1]}"
 
 
-def use_image(
-    ref: str, pipeline: Path | None = None, params: Path = Path("params.yaml"), gpus: int | None = None
-) -> Path:
+def use_image(ref: str, pipeline: Path, params: Path = Path("params.yaml"), gpus: int | None = None) -> Path:
     from pipelines import pipeline as pl
 
-    return pl.compile_pipeline(pipeline or COMPILED, ref, params, pl.GpuResources(gpus=gpus))
+    return pl.compile_pipeline(pipeline, ref, params, pl.GpuResources(gpus=gpus))
 
 
 _IMAGES_BLOCK = re.compile(r"^images:\n(?:[ -].*\n)*", re.MULTILINE)

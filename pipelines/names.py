@@ -20,8 +20,8 @@ def project_root(start: Path | None = None) -> Path | None:
     return None
 
 
-def compiled_pipeline() -> Path:
-    """The checkout's compiled pipeline inside one (what ``compile`` and ``image build`` update), else the
-    copy installed with the package."""
-    root = project_root()
+def compiled_pipeline(root: Path | None = None) -> Path:
+    """The compiled pipeline of checkout ``root`` (default: the one holding the working directory), what
+    ``compile`` and ``image build`` update; outside a checkout, the copy installed with the package."""
+    root = root or project_root()
     return root / "pipelines" / COMPILED.name if root else COMPILED
