@@ -17,7 +17,8 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from model.config import ConfigError, ModelConfig
-from model.head import ATMaskHead
+from model.head import P2_TO_P5, ATMaskHead
+from model.roi_align import multiscale_roi_align
 from model.roi_heads import ATMaskRoIHeads, ATMaskTransform
 
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -75,6 +76,7 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_train=cfg.rpn_post_nms_top_n_train,
         rpn_post_nms_top_n_test=cfg.rpn_post_nms_top_n_test,
+        box_roi_pool=multiscale_roi_align(cfg.roi_align, P2_TO_P5, 7, sampling_ratio=2),
         box_head=TwoMLPHead(channels * 7 * 7, cfg.box_head_dim),
         box_predictor=FastRCNNPredictor(cfg.box_head_dim, cfg.num_classes),
         box_detections_per_img=cfg.box_detections_per_img,
@@ -84,11 +86,12 @@ def build_model(cfg: ModelConfig) -> MaskRCNN:
         box_bg_iou_thresh=cfg.box_bg_iou_thresh,
         box_batch_size_per_image=cfg.box_batch_size_per_image,
         box_positive_fraction=cfg.box_positive_fraction,
+        mask_roi_pool=multiscale_roi_align(cfg.roi_align, P2_TO_P5, 14, sampling_ratio=2),
         mask_head=MaskRCNNHeads(channels, [cfg.mask_head_channels] * 4, 1),
         mask_predictor=MaskRCNNPredictor(cfg.mask_head_channels, cfg.mask_head_channels, cfg.num_classes),
     )
     if cfg.is_atmask:
-        head = ATMaskHead(channels, cfg.mask_head_channels, cfg.num_classes, cfg.head)
+        head = ATMaskHead(channels, cfg.mask_head_channels, cfg.num_classes, cfg.head, cfg.roi_align)
         box = model.roi_heads  # torchvision's box branch modules, kept as they are
         model.roi_heads = ATMaskRoIHeads(box.box_roi_pool, box.box_head, box.box_predictor, head, cfg)
         model.transform = ATMaskTransform(cfg, IMAGE_MEAN, IMAGE_STD)

@@ -16,6 +16,7 @@ RT_SOURCES = ("p2", "p2_p5")
 THRESHOLD_TARGETS = ("inverted", "border")
 FUSION_ORDERS = ("chained", "parallel")
 NORMS = ("auto", "frozen_bn", "bn")
+ROI_ALIGN = ("torchvision", "separable")  # model/roi_align.py: same numbers; separable is faster on CPU
 FREEZABLE = ("backbone", "fpn", "rpn", "box")
 
 
@@ -116,6 +117,7 @@ class ModelConfig:
     rpn_post_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_test: int = 1000
     box_batch_size_per_image: int = 512
+    roi_align: str = "torchvision"  # or "separable": same outputs, faster for small maps on CPU
     backbone_weights: str | None = None  # local file with a torchvision ResNet state dict
     weights: str | None = None  # local file with a full detector state dict (e.g. a Faster R-CNN)
     frozen: tuple[str, ...] = ()  # parts to freeze after loading weights, e.g. ("backbone", "rpn", "box")
@@ -123,6 +125,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("model.backbone", self.backbone, BACKBONES)
         check_choice("model.norm", self.norm, NORMS)
+        check_choice("model.roi_align", self.roi_align, ROI_ALIGN)
         if not isinstance(self.head, HeadConfig):
             raise ConfigError(f"model.head: expected a HeadConfig, got {type(self.head).__name__}")
         if not isinstance(self.num_classes, int) or self.num_classes < 2:

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation
 
 from model.config import HeadConfig
+from model.roi_align import multiscale_roi_align
 
 P2_TO_P5 = ["0", "1", "2", "3"]  # torchvision's FPN names for P2..P5
 
@@ -33,9 +33,9 @@ def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
 class ThresholdRoIFeatures(nn.Module):
     """Rt: RoIAlign 28x28 from P2 only, then a stride-2 3x3 conv down to 14x14 ("RoI strategy")."""
 
-    def __init__(self, channels: int, output_size: int = 14) -> None:
+    def __init__(self, channels: int, output_size: int = 14, roi_align: str = "torchvision") -> None:
         super().__init__()
-        self.pool = MultiScaleRoIAlign(featmap_names=["0"], output_size=2 * output_size, sampling_ratio=2)
+        self.pool = multiscale_roi_align(roi_align, ["0"], 2 * output_size, sampling_ratio=2)
         self.down = _conv3x3(channels, channels, stride=2)
 
     def forward(
@@ -58,11 +58,20 @@ class Fusion(nn.Module):
 class ATMaskHead(nn.Module):
     """RoI features in, per-class probability and threshold logits (28x28) out."""
 
-    def __init__(self, in_channels: int, channels: int, num_classes: int, cfg: HeadConfig) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        num_classes: int,
+        cfg: HeadConfig,
+        roi_align: str = "torchvision",
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.rp_pool = MultiScaleRoIAlign(featmap_names=P2_TO_P5, output_size=14, sampling_ratio=2)
-        self.rt_features = ThresholdRoIFeatures(in_channels) if cfg.rt_source == "p2" else None
+        self.rp_pool = multiscale_roi_align(roi_align, P2_TO_P5, 14, sampling_ratio=2)
+        self.rt_features = (
+            ThresholdRoIFeatures(in_channels, roi_align=roi_align) if cfg.rt_source == "p2" else None
+        )
         self.prob_convs = MaskRCNNHeads(in_channels, [channels] * 4, dilation=1)
         self.thr_convs = MaskRCNNHeads(in_channels, [channels] * cfg.threshold_convs, dilation=1)
         self.p2t = Fusion(channels) if cfg.p2t_fusion else None
