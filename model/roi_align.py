@@ -30,7 +30,7 @@ def _axis_weights(start: Tensor, length: Tensor, pooled: int, size: int, samplin
     p = torch.arange(pooled, dtype=start.dtype, device=start.device)[None, :, None]
     i = torch.arange(max_grid, dtype=start.dtype, device=start.device)[None, None, :]
     start, bin_size, grid = start[:, None, None], bin_size[:, None, None], grid[:, None, None]
-    coord = start + p * bin_size + (i + 0.5) * bin_size / grid
+    coord = start + p * bin_size + (i + 0.5) * bin_size / grid.clamp(min=1.0)  # grid 0: an empty box
     valid = (i < grid) & (coord >= -1.0) & (coord <= size)
     coord = coord.clamp(min=0.0)
     low = coord.floor().long()  # the kernel's (int) cast: coord >= 0 here
