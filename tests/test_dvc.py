@@ -107,9 +107,10 @@ def _digest(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of the repo on which the full DAG ran once with `dvc repro` (tiny data, tiny model)."""
-    repo = _copy_repo(tmp_path_factory.mktemp("dvc") / "repo", LOCAL_OVERRIDES)
+    root = tmp_path_factory.mktemp("dvc")
+    repo = _copy_repo(root / "repo", LOCAL_OVERRIDES)
     result = dvc(repo, "repro")
     assert ran_stages(result.stdout) == {
         "ingest",
@@ -117,7 +118,8 @@ def reproduced(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "report",
         "register",
     }
-    return repo
+    yield repo
+    shutil.rmtree(root, ignore_errors=True)  # gigabytes of checkpoints, DVC cache and MLflow artifacts
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -27,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def runs_dir(
     tmp_path_factory: pytest.TempPathFactory, trained_atmask: Path, make_run, eval_data: Path
-) -> Path:
+) -> Iterator[Path]:
     """An evaluated ATMask run (non-trivial AP) and an evaluated, barely trained baseline run."""
     runs = tmp_path_factory.mktemp("register") / "runs"
     shutil.copytree(trained_atmask, runs / "atmask")
@@ -35,7 +36,8 @@ def runs_dir(
     for name in ("atmask", "baseline"):
         args = ["evaluate", "--run", str(runs / name), "--data", str(eval_data)]
         assert atmask([*args, "--params", str(REPO_ROOT / "params.yaml")]) == 0
-    return runs
+    yield runs
+    shutil.rmtree(runs.parent, ignore_errors=True)
 
 
 @pytest.fixture

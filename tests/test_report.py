@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -40,7 +41,9 @@ def _fake_run(runs: Path, ablation: str, seed: int, metrics: dict[str, float]) -
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory: pytest.TempPathFactory, trained_atmask: Path, eval_data: Path) -> Path:
+def runs_dir(
+    tmp_path_factory: pytest.TempPathFactory, trained_atmask: Path, eval_data: Path
+) -> Iterator[Path]:
     """One really evaluated ATMask run (seed 0) and two hand-written baseline seeds (0, 1)."""
     runs = tmp_path_factory.mktemp("report") / "runs"
     run = runs / "atmask" / "seed0"
@@ -50,7 +53,8 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory, trained_atmask: Path, eva
     assert atmask([*args, "--params", str(REPO_ROOT / "params.yaml")]) == 0
     for seed, metrics in enumerate(BASELINE_SEEDS):
         _fake_run(runs, "baseline", seed, metrics)
-    return runs
+    yield runs
+    shutil.rmtree(runs.parent, ignore_errors=True)
 
 
 def _csv_rows(path: Path) -> dict[str, dict[str, str]]:

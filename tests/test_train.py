@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,14 +89,17 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory, _tracking_db: str) -> Path:
+def uninterrupted(
+    tiny_coco: Path, tmp_path_factory: pytest.TempPathFactory, _tracking_db: str
+) -> Iterator[Path]:
     """A deterministic 6-iteration baseline run (checkpoints at 2, 4, 6): the reference for resume tests."""
     root = tmp_path_factory.mktemp("uninterrupted")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", _tracking_db)
         params = load_params(write_params(root / "params.yaml"))
         train(params, "baseline", tiny_coco, root / "run", deterministic=True)
-    return root / "run"
+    yield root / "run"
+    shutil.rmtree(root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- schedule
