@@ -1,7 +1,7 @@
 """``model.roi_align``: torchvision's RoIAlign vs the separable one (model/roi_align.py), side by side.
 
 1. The op at the CPU demo's pool shapes (P2 32x32, 64 channels, batch 4): forward and backward times.
-2. One training step (forward + backward + SGD) of ``baseline`` and ``atmask`` on the ``cpu_demo`` model,
+2. One training step's forward + backward of ``baseline`` and ``atmask`` on the ``cpu_demo`` model,
    the same weights and batch under both implementations, interleaved: step times, the speed-up, and the
    largest difference in losses and gradients (float32 rounding only).
 

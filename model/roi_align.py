@@ -77,9 +77,8 @@ def separable_roi_align(
     out = input.new_zeros(rois.shape[0], channels, *pooled)
     if rois.shape[0] == 0:
         return out
-    dtype = (
-        torch.float64 if input.dtype == torch.float64 else torch.float32
-    )  # the kernel's, under autocast too
+    # torchvision's kernel computes in float32 (float64 for float64 input), under autocast too
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         boxes = rois.detach().to(dtype)
         rows, cols = _roi_weights(boxes, pooled, spatial_scale, sampling_ratio, aligned, (height, width))
